@@ -1,0 +1,140 @@
+"""The ingest pipeline: ``prepare`` (bytes → values) and ``decide`` (values → decision).
+
+Pure: no I/O, no clock, no logging, no async. Composition only: each stage
+lives in its own module (parse, identity, thread, forward, route). Every door
+(SMTP listener, IMAP watcher, CRM send) calls these two functions through
+``gateway/intake.py``; see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ingest.forward import find_forwarded
+from ingest.identity import identify
+from ingest.parse import parse_message
+from ingest.route import route_sync_address
+from ingest.thread import thread_links
+from ingest.types import (
+    AddressKey,
+    Decision,
+    Direction,
+    Facts,
+    ForwardedOriginal,
+    LogEntry,
+    Lookups,
+    MessageId,
+    Outcome,
+    ParsedMessage,
+    Prepared,
+    RawMessage,
+    SmtpEnvelope,
+    Source,
+    ThreadLinks,
+)
+
+
+def _lookups(
+    raw: RawMessage,
+    parsed: ParsedMessage,
+    identity_key: str,
+    links: ThreadLinks,
+    forwarded: ForwardedOriginal | None,
+) -> Lookups:
+    keys: set[AddressKey] = {p.address.address_key for p in parsed.participants.all()}
+    if forwarded is not None:
+        keys.update(a.address_key for a in forwarded.to + forwarded.cc)
+        if forwarded.from_ is not None:
+            keys.add(forwarded.from_.address_key)
+    message_ids: set[MessageId] = set(links.ancestors)
+    if parsed.message_id is not None:
+        message_ids.add(parsed.message_id)
+    sync_addresses: frozenset[str] = frozenset()
+    if isinstance(raw.provenance, SmtpEnvelope):
+        sync_addresses = frozenset(r.lower() for r in raw.provenance.envelope_recipients)
+    return Lookups(
+        address_keys=frozenset(keys),
+        own_message_id=parsed.message_id,
+        message_ids=frozenset(message_ids),
+        identity_key=identity_key,
+        sync_addresses=sync_addresses,
+    )
+
+
+def prepare(raw: RawMessage) -> Prepared:
+    """Parse, normalise, identify and link one message.
+
+    Args:
+        raw: the received bytes and their provenance.
+
+    Returns:
+        A Prepared value with the Lookups storage must load. Never raises
+        for bad mail: defects are recorded in ``prepared.parsed.defects``.
+    """
+    parsed = parse_message(raw.raw)
+    identity = identify(parsed)
+    links = thread_links(parsed)
+    forwarded = find_forwarded(parsed)
+    return Prepared(
+        raw=raw,
+        parsed=parsed,
+        identity=identity,
+        links=links,
+        forwarded=forwarded,
+        lookups=_lookups(raw, parsed, identity.key, links, forwarded),
+    )
+
+
+def decide(prepared: Prepared, facts: Facts, now: datetime) -> Decision:
+    """Decide what to store and where, with a rule id and reason for each choice.
+
+    Only the SMTP door (mail to sync addresses, R13-R15) exists so far; its
+    messages are routed by ``ingest.route.route_sync_address``.
+
+    Args:
+        prepared: output of ``prepare``.
+        facts: loaded by storage for ``prepared.lookups`` in one read.
+        now: aware UTC time of the decision (injected; never read here).
+
+    Returns:
+        A Decision. A refused message (R15) stores nothing but the log; a
+        message already stored (R12) that passes R15 is a duplicate and is
+        only logged.
+
+    Raises:
+        TypeError: for a provenance this pipeline has no routing for yet.
+    """
+    if not isinstance(prepared.raw.provenance, SmtpEnvelope):
+        raise TypeError(f"no routing for provenance {type(prepared.raw.provenance).__name__}")
+    route = route_sync_address(prepared, facts)
+    if route.refusal is None and facts.duplicate_of is not None:
+        return Decision(
+            prepared=prepared,
+            direction=Direction.OUTBOUND,
+            source=Source.BCC,
+            refusal=None,
+            duplicate_of=facts.duplicate_of,
+            thread=None,
+            conversations=(),
+            extra_bcc=(),
+            log=(
+                LogEntry(
+                    rule="R12",
+                    reason="the same message is already stored",
+                    outcome=Outcome.DUPLICATE,
+                ),
+            ),
+            decided_at=now,
+        )
+    return Decision(
+        prepared=prepared,
+        direction=route.direction,
+        source=Source.BCC,
+        refusal=route.refusal,
+        duplicate_of=None,
+        thread=route.thread,
+        conversations=route.conversations,
+        extra_bcc=route.extra_bcc,
+        log=route.log,
+        decided_at=now,
+    )
