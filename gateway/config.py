@@ -195,7 +195,7 @@ class GmailSettings(ProviderSettings):
     """Google's endpoints (developers.google.com/identity/protocols/oauth2) and limits."""
 
     authorize_url: str | None = "https://accounts.google.com/o/oauth2/v2/auth"
-    token_url: str | None = "https://oauth2.googleapis.com/token"
+    token_url: str | None = "https://oauth2.googleapis.com/token"  # noqa: S105
     userinfo_url: str | None = "https://openidconnect.googleapis.com/v1/userinfo"
     revoke_url: str | None = "https://oauth2.googleapis.com/revoke"
     scopes: tuple[str, ...] = ("https://mail.google.com/", "openid", "email")
@@ -211,7 +211,7 @@ class OutlookSettings(ProviderSettings):
     """Microsoft identity platform v2 endpoints and Exchange Online limits."""
 
     authorize_url: str | None = "https://login.microsoftonline.com/common/oauth2/v2.0/authorize"
-    token_url: str | None = "https://login.microsoftonline.com/common/oauth2/v2.0/token"
+    token_url: str | None = "https://login.microsoftonline.com/common/oauth2/v2.0/token"  # noqa: S105
     userinfo_url: str | None = "https://graph.microsoft.com/oidc/userinfo"
     scopes: tuple[str, ...] = (
         "offline_access",
@@ -371,7 +371,8 @@ def load_settings(path: Path) -> Settings:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError((ConfigIssue(key="", message=f"cannot read {path}: {exc.strerror}"),))
+        issue = ConfigIssue(key="", message=f"cannot read {path}: {exc.strerror}")
+        raise ConfigError((issue,)) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError((ConfigIssue(key="", message=f"{path}: {exc}"),)) from None
     return parse_settings(data)

@@ -43,6 +43,7 @@ _CHARSET_ALIASES = {
     "windows-874": "cp874",
 }
 _CHARDET_MIN_CONFIDENCE = 0.5
+_CHARDET_SAMPLE_BYTES = 4096  # detection cost grows with input; 4 KB decides as well
 
 
 def codec_for(charset: str | None) -> str | None:
@@ -80,7 +81,7 @@ def guess_decode(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    guess = chardet.detect(data[:65536])
+    guess = chardet.detect(data[:_CHARDET_SAMPLE_BYTES])
     codec = codec_for(guess.get("encoding"))
     if codec is not None and (guess.get("confidence") or 0.0) >= _CHARDET_MIN_CONFIDENCE:
         try:

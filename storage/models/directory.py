@@ -64,7 +64,9 @@ class Contact(Base):
     """
 
     __tablename__ = "contacts"
-    __table_args__ = (sa.Index("ix_contacts_address_key_subaccount_id", "address_key", "subaccount_id"),)
+    __table_args__ = (
+        sa.Index("ix_contacts_address_key_subaccount_id", "address_key", "subaccount_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     subaccount_id: Mapped[int] = mapped_column(sa.ForeignKey("subaccounts.id", ondelete="CASCADE"))

@@ -1,0 +1,157 @@
+"""Process wiring for ``mailgate serve``: build from Settings, start, drain, stop.
+
+Start order::
+
+    database (schema check / embedded upgrade) → spool → intake batcher
+      → recover leftover spool entries → SMTP listener → HTTP server → ready
+
+Stop order on SIGTERM/SIGINT (STYLE.md §8): stop accepting SMTP
+connections → finish in-flight ``accept()`` calls (the batcher commits
+what is queued) → stop HTTP → close the database. Every task lives in
+one ``TaskGroup`` and is named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.config import Settings
+from gateway.http.app import build_http_app
+from gateway.intake import Intake
+from gateway.observability import Metrics
+from gateway.smtp.listener import BccHandler, start_smtp
+from gateway.spool import Spool
+from storage.blobs import BlobStore
+from storage.db import make_engine, make_session_factory
+from storage.migrate import schema_status, upgrade
+
+log = logging.getLogger(__name__)
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database schema is behind the code; ``mailgate db upgrade`` fixes it."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        super().__init__(
+            f"database schema is at {current or 'nothing'}, code needs {head}: "
+            "run `mailgate db upgrade`"
+        )
+
+
+def is_embedded(settings: Settings) -> bool:
+    """Return whether the database is the embedded SQLite file (upgraded automatically)."""
+    return settings.storage.database_url.startswith("sqlite")
+
+
+async def ensure_schema(engine: AsyncEngine, settings: Settings) -> None:
+    """Upgrade the embedded SQLite schema, or check PostgreSQL's is current.
+
+    Raises:
+        SchemaOutOfDate: a server database needs ``mailgate db upgrade``.
+    """
+    current, head = await schema_status(engine)
+    if current == head:
+        return
+    if not is_embedded(settings):
+        raise SchemaOutOfDate(current, head)
+    log.info("upgrading embedded database schema", extra={"reason": f"{current} -> {head}"})
+    await asyncio.to_thread(upgrade, settings.storage.database_url)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: ``serve`` owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass(slots=True)
+class _Running:
+    smtp: asyncio.Server | None = None
+
+
+async def serve(settings: Settings) -> None:
+    """Run the gateway until SIGTERM/SIGINT; return after a clean stop.
+
+    Raises:
+        SchemaOutOfDate: the database must be upgraded first.
+        OSError: a port is in use or the data directory is not writable.
+    """
+    engine = make_engine(settings.storage.database_url)
+    try:
+        await ensure_schema(engine, settings)
+        await _serve(settings, engine)
+    finally:
+        await engine.dispose()
+        log.info("stopped")
+
+
+async def _serve(settings: Settings, engine: AsyncEngine) -> None:
+    data_dir = settings.storage.data_dir
+    spool = Spool(data_dir / "spool")
+    await asyncio.to_thread(spool.open)
+    metrics = Metrics()
+    sessions = make_session_factory(engine)
+    intake = Intake(
+        session_factory=sessions,
+        blobs=BlobStore(data_dir / "blobs"),
+        spool=spool,
+        bcc=settings.bcc,
+        metrics=metrics,
+    )
+    running = _Running()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def ready_check() -> tuple[bool, str]:
+        if running.smtp is None or not running.smtp.is_serving():
+            return False, "smtp listener not serving"
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(sa.text("SELECT 1"))
+        except Exception:  # any failure means "not ready"; logged for the operator
+            log.warning("database unreachable", exc_info=True)
+            return False, "database unreachable"
+        return True, ""
+
+    http_app = build_http_app(metrics=metrics, ready_check=ready_check)
+    http = _Uvicorn(
+        uvicorn.Config(
+            http_app,
+            host=settings.http.host,
+            port=settings.http.port,
+            log_config=None,
+            lifespan="off",
+            access_log=False,
+        )
+    )
+    handler = BccHandler(
+        domain=settings.bcc.domain, is_sync_address=intake.is_sync_address, accept=intake.accept
+    )
+    async with asyncio.TaskGroup() as group:
+        intake_task = group.create_task(intake.run(), name="intake")
+        await intake.recover()
+        running.smtp = await start_smtp(handler, settings.smtp)
+        http_task = group.create_task(http.serve(), name="http")
+        for sock in running.smtp.sockets:
+            host, port = sock.getsockname()[:2]
+            log.info("smtp listening", extra={"host": host, "port": port})
+        await stop.wait()
+        log.info("stopping")
+        running.smtp.close()
+        await intake.close()
+        await intake_task
+        http.should_exit = True
+        await http_task

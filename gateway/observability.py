@@ -1,0 +1,136 @@
+"""Logging format and Prometheus metrics (STYLE.md §11).
+
+``setup_logging`` installs the one formatter: JSON lines when stderr is not
+a terminal, ``key=value`` on a terminal. Log calls pass variable data in
+``extra={...}`` with the fixed field names listed in ``FIELDS``.
+``Metrics`` owns its own ``CollectorRegistry`` (no module-level state).
+
+Never log message bodies, subjects, tokens or passwords.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+FIELDS = (
+    "peer",
+    "message_id",
+    "message_pk",
+    "rule",
+    "reason",
+    "size_bytes",
+    "duration_seconds",
+    "subaccount_id",
+    "incident",
+    "count",
+    "host",
+    "port",
+    "path",
+    "batch_size",
+)
+"""Fixed field names a log record may carry (``extra=``)."""
+
+
+def version() -> str:
+    """Return the installed mailgate version, or ``0+unknown`` in a bare checkout."""
+    try:
+        return metadata.version("mailgate")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in FIELDS:
+        if hasattr(record, name):
+            out[name] = getattr(record, name)
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``time level logger event key=value …`` for a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
+        pairs = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in _fields(record).items())
+        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()} {pairs}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line.rstrip()
+
+
+def setup_logging(level: int = logging.INFO, *, json_lines: bool | None = None) -> None:
+    """Configure the root logger to write to stderr with the house formatter.
+
+    Args:
+        level: root level.
+        json_lines: force JSON (True) or key=value (False); None picks JSON
+            unless stderr is a terminal.
+    """
+    use_json = (not sys.stderr.isatty()) if json_lines is None else json_lines
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if use_json else KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiosmtpd logs every command line at INFO (including MAIL/RCPT addresses).
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Metrics:
+    """The process's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        """Create every metric at zero."""
+        self.registry = CollectorRegistry()
+        self.accepted = Counter(
+            "mailgate_messages_accepted",
+            "Messages acknowledged after a durable commit.",
+            ("source",),
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "mailgate_messages_refused",
+            "Messages refused, by rule.",
+            ("source", "rule"),
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "mailgate_ingest_stage_seconds",
+            "Time spent per ingest stage.",
+            ("stage",),
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+        )
+        self.build_info = Gauge(
+            "mailgate_build_info", "Build information.", ("version",), registry=self.registry
+        )
+        self.build_info.labels(version=version()).set(1)
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

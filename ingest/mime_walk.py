@@ -1,0 +1,249 @@
+"""Walk a parsed MIME tree into main bodies, attachments and embedded messages.
+
+Pure: no I/O, no clock, no logging. Input is a tree built by ``email``'s
+compat32 parser; output is decoded text and ``Attachment`` values. Nothing
+here raises on bad MIME: broken parts become defects or empty payloads.
+
+Rules (RFC 2045-2046, RFC 2183, RFC 2387):
+
+- The text body is the first ``text/plain`` leaf not marked attachment and
+  without a filename; the HTML body the first such ``text/html``. Inside
+  ``multipart/alternative`` both may come from different alternatives.
+- ``message/rfc822`` (and RFC 6532 ``message/global``) parts are not
+  descended into: their bytes go to ``embedded`` and they are listed as an
+  attachment whose payload is the embedded message.
+- Every other leaf is an attachment or inline part, in MIME order. A part
+  without Content-Disposition is ``inline`` when it has a Content-ID,
+  else ``attachment``. ``application/ms-tnef`` (winmail.dat) is an
+  ordinary attachment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from email.generator import BytesGenerator
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import Compat32
+from email.utils import collapse_rfc2231_value
+from io import BytesIO
+
+from ingest.charsets import decode_bytes, decode_words, fix_8bit_header, unfold
+from ingest.types import Attachment, Defect
+
+MIME_STRUCTURE = "mime_structure"
+"""Defect kind: the MIME structure was broken (class name of email's defect)."""
+
+_EMBEDDED_TYPES = frozenset({"message/rfc822", "message/global"})
+_MAX_DEPTH = 64
+_ENCODED_TRANSFER = frozenset({"base64", "quoted-printable"})
+
+
+class _VerbatimHeaders(Compat32):
+    """compat32 that writes header values exactly as parsed (folds kept).
+
+    The stock ``fold_binary`` rebuilds every value through ``email.header``
+    (measured: 60 % of the time spent serialising embedded messages) and
+    may re-fold it; we want the original bytes back.
+    """
+
+    def fold_binary(self, name: str, value: str) -> bytes:
+        """Return ``name: value`` and a line end, 8-bit bytes restored."""
+        return f"{name}: {value}{self.linesep}".encode("utf-8", errors="surrogateescape")
+
+
+_VERBATIM = _VerbatimHeaders()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WalkResult:
+    """What a MIME tree holds apart from the top-level headers.
+
+    Attributes:
+        text_body, html_body: decoded main bodies, None when absent.
+        attachments: attachments and inline parts in MIME order.
+        embedded: raw bytes of message/rfc822 parts, MIME order.
+        defects: structure and charset problems met on the way.
+    """
+
+    text_body: str | None
+    html_body: str | None
+    attachments: tuple[Attachment, ...]
+    embedded: tuple[bytes, ...]
+    defects: tuple[Defect, ...]
+
+
+@dataclass(slots=True)
+class _Walk:
+    """Mutable accumulator for one walk (private; frozen result is ``WalkResult``)."""
+
+    text_body: str | None = None
+    html_body: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    embedded: list[bytes] = field(default_factory=list)
+    defects: list[Defect] = field(default_factory=list)
+
+
+def walk_message(msg: Message) -> WalkResult:
+    """Collect bodies, attachments and embedded messages of a parsed message.
+
+    Args:
+        msg: root of a compat32 ``email.message.Message`` tree.
+
+    Returns:
+        A ``WalkResult``; parts nested deeper than 64 levels are skipped
+        with a ``mime_structure`` defect.
+    """
+    acc = _Walk()
+    _visit(msg, acc, 0)
+    return WalkResult(
+        text_body=acc.text_body,
+        html_body=acc.html_body,
+        attachments=tuple(acc.attachments),
+        embedded=tuple(acc.embedded),
+        defects=tuple(acc.defects),
+    )
+
+
+def _visit(part: Message, acc: _Walk, depth: int) -> None:
+    """Visit one part and, for multiparts, its children in order."""
+    if part.defects:
+        acc.defects.extend(Defect(kind=MIME_STRUCTURE, detail=type(d).__name__) for d in part.defects)
+    if depth > _MAX_DEPTH:
+        acc.defects.append(Defect(kind=MIME_STRUCTURE, detail="nesting too deep"))
+        return
+    content_type = part.get_content_type()
+    # get_payload() without decode=True would decode with the declared
+    # charset and raise on a label like "utf-8\\0"; only ask for lists.
+    payload = part.get_payload() if part.is_multipart() else _refold_multipart(part)
+    if content_type in _EMBEDDED_TYPES:
+        _add_embedded(part, acc)
+    elif isinstance(payload, list):
+        if content_type.startswith("multipart/") or not payload:
+            for child in payload:
+                if isinstance(child, Message):
+                    _visit(child, acc, depth + 1)
+        else:
+            _add_attachment(part, content_type, _serialise_blocks(payload), acc)
+    elif not _take_body(part, content_type, acc):
+        _add_attachment(part, content_type, _leaf_bytes(part), acc)
+
+
+def _refold_multipart(part: Message) -> list[Message] | None:
+    """Re-split a multipart whose quoted boundary was folded (RFC 5322 §3.2.2).
+
+    ``boundary="simple\\r\\n boundary"`` means ``simple boundary`` once
+    unfolded; compat32 compares it folded, finds no delimiter and keeps the
+    whole body as text. Returns the children, or None when not applicable.
+    """
+    boundary = part.get_boundary() if part.get_content_maintype() == "multipart" else None
+    if not boundary or "\n" not in boundary:
+        return None
+    body = part.get_payload()
+    if not isinstance(body, str):
+        return None
+    head = f'Content-Type: {part.get_content_type()}; boundary="{unfold(boundary)}"\n\n'
+    data = (head + body).encode("utf-8", errors="surrogateescape")
+    children = BytesParser(policy=_VERBATIM).parsebytes(data).get_payload()
+    return children if isinstance(children, list) else None
+
+
+def _serialise_blocks(blocks: list[Message]) -> bytes:
+    """Serialise header blocks of message/delivery-status and the like."""
+    return b"\n".join(_as_bytes(block) for block in blocks if isinstance(block, Message))
+
+
+def _as_bytes(msg: Message) -> bytes:
+    """Serialise a sub-message without re-folding or ``>From`` mangling."""
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=_VERBATIM).flatten(msg)
+    return out.getvalue()
+
+
+def _leaf_bytes(part: Message) -> bytes:
+    """Return a leaf's payload with its transfer encoding removed."""
+    data = part.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
+
+
+def _is_attachment(part: Message) -> bool:
+    """Return whether a part is marked as attachment or carries a filename."""
+    if "content-disposition" in part and part.get_content_disposition() == "attachment":
+        return True
+    return part.get_filename() is not None
+
+
+def _take_body(part: Message, content_type: str, acc: _Walk) -> bool:
+    """Use a text leaf as main body when it is the first of its kind."""
+    if content_type == "text/plain" and acc.text_body is None:
+        slot = "text_body"
+    elif content_type == "text/html" and acc.html_body is None:
+        slot = "html_body"
+    else:
+        return False
+    if _is_attachment(part):
+        return False
+    text, defects = decode_bytes(_leaf_bytes(part), part.get_content_charset(), content_type)
+    acc.defects.extend(defects)
+    setattr(acc, slot, text)
+    return True
+
+
+def _add_embedded(part: Message, acc: _Walk) -> None:
+    """Keep a message/rfc822 part as raw bytes and as an attachment."""
+    payload = part.get_payload() if part.is_multipart() else None
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    if cte in _ENCODED_TRANSFER and isinstance(payload, list) and payload:
+        # Non-standard (RFC 2046 §5.2.1) but sent: the parser read the encoded
+        # text as a message; re-serialise it and undo the transfer encoding.
+        copy = Message()
+        copy["Content-Transfer-Encoding"] = cte
+        copy.set_payload(_as_bytes(payload[0]).decode("ascii", errors="replace"))
+        raw = _leaf_bytes(copy)
+    elif isinstance(payload, list):
+        raw = b"".join(_as_bytes(m) for m in payload[:1] if isinstance(m, Message))
+    else:
+        raw = _leaf_bytes(part)
+    acc.embedded.append(raw)
+    _add_attachment(part, part.get_content_type(), raw, acc)
+
+
+def _filename(part: Message) -> tuple[str | None, tuple[Defect, ...]]:
+    """Return the decoded filename (RFC 2231, RFC 2047, raw 8-bit)."""
+    name = part.get_filename() or part.get_param("name")
+    if name is None:
+        return None, ()
+    text, defects = fix_8bit_header(collapse_rfc2231_value(name))
+    decoded, more = decode_words(unfold(text))
+    return decoded, defects + more
+
+
+def _content_id(part: Message) -> str | None:
+    """Return the Content-ID without angle brackets (RFC 2392), or None."""
+    value = part.get("content-id")
+    if value is None:
+        return None
+    cid = unfold(str(value)).strip().strip("<>").strip()
+    return cid or None
+
+
+def _add_attachment(part: Message, content_type: str, payload: bytes, acc: _Walk) -> None:
+    """Append one attachment or inline part built from ``part``."""
+    filename, defects = _filename(part)
+    content_id = _content_id(part)
+    disposition = part.get_content_disposition()
+    if disposition not in ("attachment", "inline"):
+        disposition = "inline" if content_id is not None else "attachment"
+    acc.defects.extend(defects)
+    acc.attachments.append(
+        Attachment(
+            filename=filename,
+            content_type=content_type,
+            disposition=disposition,
+            content_id=content_id,
+            payload=payload,
+            size_bytes=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
+        )
+    )
