@@ -93,6 +93,9 @@ BOUNCE_SENDER_LOCAL_PARTS: frozenset[str] = frozenset(("mailer-daemon", "postmas
 
 _LABELS = {label: (field, hint) for label, field, hint in FIELD_LABELS}
 _MARKERS = {key: (style, says_forward) for key, style, says_forward in FORWARD_MARKERS}
+_ON_BEHALF = re.compile(
+    r"\s(?:" + "|".join(re.escape(m) for m in ON_BEHALF_MARKERS) + r")\s", re.IGNORECASE
+)
 _LABEL_LINE = re.compile(r"^\*?([^\W\d_][\w-]{0,15})\*?\s*:\*?\s?(.*)$")
 _SUBJECT_PREFIX = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?([^\W\d_]{1,6})\s*:")
 _MAX_BLANKS_BEFORE_BLOCK = 3
@@ -290,12 +293,9 @@ def _addresses(value: str) -> tuple[Address, ...]:
     Author`` (the author is kept); Gmail's plain text may bold names with
     ``*``. Name-only values give no address.
     """
-    lowered = value.casefold()
-    for marker in ON_BEHALF_MARKERS:
-        at = lowered.find(f" {marker} ")
-        if at >= 0:
-            value = value[at + len(marker) + 2 :]
-            break
+    on_behalf = _ON_BEHALF.search(value)
+    if on_behalf is not None:
+        value = value[on_behalf.end() :]
     value = re.sub(r"<mailto:[^>]*>", "", value, flags=re.IGNORECASE)
     value = re.sub(r"\[mailto:([^\]\s]+)\]", r"<\1>", value, flags=re.IGNORECASE)
     value = re.sub(r"\*([^*]+)\*", r"\1", value).replace(";", ",")

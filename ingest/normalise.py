@@ -199,11 +199,15 @@ def parse_addresses(value: str) -> tuple[tuple[Address, ...], tuple[Defect, ...]
     if not _balanced(value):
         return (), (Defect(kind=BAD_ADDRESS, detail="unbalanced parentheses"),)
     try:
-        pairs = [(name, spec) for name, spec in getaddresses([value]) if spec]
+        found = getaddresses([value])
     except RecursionError:  # _parseaddr recurses per address on crafted input
         return (), (Defect(kind=BAD_ADDRESS, detail="address list too deeply nested"),)
+    pairs = [(name, spec) for name, spec in found if spec]
     valid: list[tuple[str, str]] = []
     defects: list[Defect] = []
+    if len(pairs) < len(found) and ":" not in value:
+        # Empty results outside group syntax mean stray text such as "<<".
+        defects.append(Defect(kind=BAD_ADDRESS, detail="stray text in address list"))
     for name, spec in pairs:
         if not name and " " in spec:
             name, spec = _split_phrase_addr(spec, defects)

@@ -83,6 +83,7 @@ def _targets_for(
     """R13 or R14 for one accepted sync target."""
     recipients = _other_recipients(prepared, target, sync_keys)
     forwarded = prepared.forwarded
+    addresses: tuple[Address, ...]
     if not recipients and forwarded is not None and forwarded.from_ is not None:
         rule, direction, addresses = "R13", Direction.INBOUND, (forwarded.from_,)
     elif recipients:
@@ -198,7 +199,9 @@ def route_sync_address(prepared: Prepared, facts: Facts) -> Route:
     kept, closed = _close_broken(thread, facts, _unique(targets))
     log.extend(closed)
     log.extend(
-        LogEntry(rule=t.rule, reason=t.reason, outcome=Outcome.STORED, subaccount_id=t.subaccount_id)
+        LogEntry(
+            rule=t.rule, reason=t.reason, outcome=Outcome.STORED, subaccount_id=t.subaccount_id
+        )
         for t in kept
     )
     shown = {a.address_key for a in prepared.parsed.participants.bcc}

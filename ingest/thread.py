@@ -26,7 +26,7 @@ def thread_links(parsed: ParsedMessage) -> ThreadLinks:
     Follows RFC 5322 §3.6.4 and JWZ's linking step 1, with notmuch's
     "parent priority": a sane In-Reply-To (exactly one id) names the direct
     parent even when References ends with another id, because some agents
-    (Debbugs, old Outlook) write References out of order or truncated. With
+    (Debbugs) write References out of order, and others truncate it. With
     no usable In-Reply-To the last References id is the parent (JWZ); with
     several In-Reply-To ids and no References, the first one (JWZ).
 

@@ -33,7 +33,7 @@ CORPUS_MESSAGES = (
     "flanker/mailgun-pic.eml",
     "hyperkitty/attachment-1.eml",
     "ietf-mailarchive/attachment_windows1252.eml",
-    "mikel-mail/mime_emails/raw_email7.eml",
+    "flanker/outlook-express.eml",
     "mikel-mail/attachment_emails/attachment_nonascii_filename.eml",
     "mimekit/tnef/ukr.eml",
     "mime4j/testmsgs/example.eml",

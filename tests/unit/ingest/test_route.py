@@ -160,7 +160,9 @@ def test_r15_foreign_sender_refused() -> None:
 
 def test_r15_alias_and_case_insensitive_sender_accepted() -> None:
     for sender in ("ALICE@Example.COM", "alice@alias.test"):
-        d = decide(prepared(from_=(addr(sender),)), facts(contacts=(contact(1, "bob@example.org"),)), NOW)
+        d = decide(
+            prepared(from_=(addr(sender),)), facts(contacts=(contact(1, "bob@example.org"),)), NOW
+        )
         assert d.refusal is None, sender
         assert d.stores
 
@@ -218,7 +220,13 @@ def test_r14_sync_address_alone_without_forward_is_logged_not_stored() -> None:
 
 
 def test_r7_user_recipient_is_not_a_contact() -> None:
-    users = (UserFact(user_id=CAROL, address_key=address_key("carol@example.com"), subaccount_ids=frozenset({ACME})),)
+    users = (
+        UserFact(
+            user_id=CAROL,
+            address_key=address_key("carol@example.com"),
+            subaccount_ids=frozenset({ACME}),
+        ),
+    )
     d = decide(prepared(to=(addr("carol@example.com"),)), facts(users=users), NOW)
     assert not d.stores
     assert ("R7", Outcome.SKIPPED) in [(e.rule, e.outcome) for e in d.log]
@@ -298,16 +306,30 @@ def test_r13_forward_to_sync_address_goes_to_original_sender_inbound() -> None:
 
 def test_r11_reply_joins_thread_of_stored_parent() -> None:
     threads = (
-        ThreadFact(message_id=MessageId("p@x"), thread_id=ThreadId(5), subaccount_id=ACME, state=InstanceState.ACTIVE),
+        ThreadFact(
+            message_id=MessageId("p@x"),
+            thread_id=ThreadId(5),
+            subaccount_id=ACME,
+            state=InstanceState.ACTIVE,
+        ),
     )
-    d = decide(prepared(ancestors=("root@x", "p@x")), facts(threads=threads, contacts=(contact(1, "bob@example.org"),)), NOW)
+    d = decide(
+        prepared(ancestors=("root@x", "p@x")),
+        facts(threads=threads, contacts=(contact(1, "bob@example.org"),)),
+        NOW,
+    )
     assert d.thread is not None and d.thread.thread_id == ThreadId(5)
     assert d.thread.merge_thread_ids == ()
 
 
 def test_r11_parent_arriving_after_reply_joins_and_merges() -> None:
     threads = (
-        ThreadFact(message_id=MessageId("root@x"), thread_id=ThreadId(5), subaccount_id=ACME, state=InstanceState.ACTIVE),
+        ThreadFact(
+            message_id=MessageId("root@x"),
+            thread_id=ThreadId(5),
+            subaccount_id=ACME,
+            state=InstanceState.ACTIVE,
+        ),
     )
     waiting = (WaitingChild(message_pk=MessagePk(9), thread_id=ThreadId(8), subaccount_id=ACME),)
     d = decide(
@@ -321,7 +343,9 @@ def test_r11_parent_arriving_after_reply_joins_and_merges() -> None:
 
 def test_r11_orphan_parent_joins_waiting_child_thread() -> None:
     waiting = (WaitingChild(message_pk=MessagePk(9), thread_id=ThreadId(8), subaccount_id=ACME),)
-    d = decide(prepared(), facts(waiting_children=waiting, contacts=(contact(1, "bob@example.org"),)), NOW)
+    d = decide(
+        prepared(), facts(waiting_children=waiting, contacts=(contact(1, "bob@example.org"),)), NOW
+    )
     assert d.thread is not None and d.thread.thread_id == ThreadId(8)
 
 
@@ -332,9 +356,18 @@ def test_r11_no_reference_starts_new_thread() -> None:
 
 def test_r4_broken_instance_receives_nothing_more() -> None:
     threads = (
-        ThreadFact(message_id=MessageId("p@x"), thread_id=ThreadId(5), subaccount_id=ACME, state=InstanceState.BROKEN),
+        ThreadFact(
+            message_id=MessageId("p@x"),
+            thread_id=ThreadId(5),
+            subaccount_id=ACME,
+            state=InstanceState.BROKEN,
+        ),
     )
-    d = decide(prepared(ancestors=("p@x",)), facts(threads=threads, contacts=(contact(1, "bob@example.org"),)), NOW)
+    d = decide(
+        prepared(ancestors=("p@x",)),
+        facts(threads=threads, contacts=(contact(1, "bob@example.org"),)),
+        NOW,
+    )
     assert not d.stores
     assert ("R4", Outcome.SKIPPED) in [(e.rule, e.outcome) for e in d.log]
 
@@ -343,7 +376,9 @@ def test_r4_broken_instance_receives_nothing_more() -> None:
 
 
 def test_r12_already_stored_message_is_a_duplicate() -> None:
-    d = decide(prepared(), facts(duplicate_of=MessagePk(3), contacts=(contact(1, "bob@example.org"),)), NOW)
+    d = decide(
+        prepared(), facts(duplicate_of=MessagePk(3), contacts=(contact(1, "bob@example.org"),)), NOW
+    )
     assert d.duplicate_of == MessagePk(3) and not d.stores
     assert [(e.rule, e.outcome) for e in d.log] == [("R12", Outcome.DUPLICATE)]
 
@@ -357,7 +392,13 @@ def test_two_sync_addresses_in_two_subaccounts_link_both() -> None:
     targets = (target(), target(SYNC_GLOBEX, GLOBEX))
     d = decide(
         prepared(recipients=(SYNC_ACME, SYNC_GLOBEX)),
-        facts(sync_targets=targets, contacts=(contact(1, "bob@example.org"), contact(2, "bob@example.org", subaccount_id=GLOBEX))),
+        facts(
+            sync_targets=targets,
+            contacts=(
+                contact(1, "bob@example.org"),
+                contact(2, "bob@example.org", subaccount_id=GLOBEX),
+            ),
+        ),
         NOW,
     )
     assert sorted((t.subaccount_id, t.contact_id) for t in d.conversations) == [(1, 1), (2, 2)]
