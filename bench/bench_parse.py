@@ -35,8 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ingest.parse import PARSE_FAILED, parse_message  # noqa: E402
-from ingest.types import ParsedMessage  # noqa: E402
+from ingest.parse import PARSE_FAILED, parse_message
+from ingest.types import ParsedMessage
 
 Facts = tuple[int, bool, bool]  # leaf parts, has From address, has Subject
 
@@ -59,7 +59,9 @@ def _default_corpus() -> Path:
 
 def load_corpus(root: Path) -> list[tuple[str, bytes]]:
     """Return (id, raw) for every *.eml under mime/ and every mbox message."""
-    found = [(p.relative_to(root).as_posix(), p.read_bytes()) for p in sorted(root.glob("mime/**/*.eml"))]
+    found = [
+        (p.relative_to(root).as_posix(), p.read_bytes()) for p in sorted(root.glob("mime/**/*.eml"))
+    ]
     mboxes = sorted((root / "threads").glob("*.mbox")) + sorted((root / "mime").rglob("*.mbox*"))
     for path in mboxes:
         box = mailbox.mbox(str(path), create=False)
@@ -149,7 +151,9 @@ def run_ours(raw: bytes) -> object:
 
 def facts_ours(raw: bytes) -> Facts:
     parsed = parse_message(raw)
-    leaves = len(parsed.attachments) + (parsed.text_body is not None) + (parsed.html_body is not None)
+    leaves = (
+        len(parsed.attachments) + (parsed.text_body is not None) + (parsed.html_body is not None)
+    )
     return leaves, bool(parsed.participants.from_), bool(parsed.subject.strip())
 
 
@@ -162,7 +166,9 @@ CANDIDATES = (
 )
 
 
-def time_candidate(cand: Candidate, corpus: list[tuple[str, bytes]], repeat: int) -> tuple[float, list[str], tuple[float, str]]:
+def time_candidate(
+    cand: Candidate, corpus: list[tuple[str, bytes]], repeat: int
+) -> tuple[float, list[str], tuple[float, str]]:
     """Return (best CPU seconds, failing ids, (slowest seconds, id))."""
     best = float("inf")
     failures: list[str] = []
@@ -174,10 +180,12 @@ def time_candidate(cand: Candidate, corpus: list[tuple[str, bytes]], repeat: int
             t0 = time.process_time()
             try:
                 result = cand.run(raw)
-            except Exception as exc:  # noqa: BLE001 - counting failures is the point
+            except Exception as exc:
                 failures.append(f"{name} ({type(exc).__name__})")
                 continue
-            if isinstance(result, ParsedMessage) and any(d.kind == PARSE_FAILED for d in result.defects):
+            if isinstance(result, ParsedMessage) and any(
+                d.kind == PARSE_FAILED for d in result.defects
+            ):
                 failures.append(f"{name} (parse_failed defect)")
             spent = time.process_time() - t0
             slowest = max(slowest, (spent, name))
@@ -195,11 +203,15 @@ def lost_fields(corpus: list[tuple[str, bytes]]) -> dict[str, list[str]]:
             for cand in with_facts:
                 assert cand.facts is not None
                 facts[cand.name] = cand.facts(raw)
-        except Exception:  # noqa: BLE001, S112 - only compare where all parsed
+        except Exception:  # noqa: S112 - only compare where all parsed
             continue
         best = tuple(max(f[i] for f in facts.values()) for i in range(3))
         for cand_name, found in facts.items():
-            missing = [label for label, have, top in zip(("parts", "from", "subject"), found, best, strict=True) if have < top]
+            missing = [
+                label
+                for label, have, top in zip(("parts", "from", "subject"), found, best, strict=True)
+                if have < top
+            ]
             if missing:
                 lost[cand_name].append(f"{name} ({','.join(missing)})")
     return lost
@@ -214,11 +226,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.CRITICAL)  # flanker logs every malformed header
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import flanker.addresslib.address  # noqa: F401 - ply prints grammar warnings at import
+        # ply prints grammar warnings when flanker is first imported.
+        import flanker.addresslib.address
         import flanker.mime  # noqa: F401
     corpus = load_corpus(args.corpus)
     total_mb = sum(len(raw) for _, raw in corpus) / 1e6
-    print(f"corpus: {args.corpus}  messages: {len(corpus)}  size: {total_mb:.1f} MB  python {sys.version.split()[0]}")
+    version = sys.version.split()[0]
+    print(
+        f"corpus: {args.corpus}  messages: {len(corpus)}  size: {total_mb:.1f} MB  python {version}"
+    )
     seconds: dict[str, float] = {}
     for cand in CANDIDATES:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 THREAD_PREPARE_BYTES = 64 * 1024
 """Messages at least this big are parsed in a worker thread (STYLE.md §8)."""
 
+SYNC_ADDRESS_TTL_SECONDS = 60.0
+"""How long a sync address found at RCPT is trusted without a new lookup."""
+
 AuthCheck = Callable[[Prepared], Awaitable[AuthResult | None]]
 
 
@@ -106,6 +109,7 @@ class Intake:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._known: dict[str, float] = {}
 
     async def accept(self, raw: bytes, envelope: SmtpEnvelope) -> IntakeResult:
         """Spool, process and commit one SMTP message; return after the commit.
@@ -123,7 +127,23 @@ class Intake:
             self._leave()
 
     async def is_sync_address(self, address: str) -> bool:
-        """Return whether ``address`` (lower-cased addr-spec) has a membership (RCPT)."""
+        """Return whether ``address`` (lower-cased addr-spec) has a membership (RCPT).
+
+        Positive answers are cached for ``SYNC_ADDRESS_TTL_SECONDS``: on SQLite
+        every transaction takes the write lock, so a lookup per RCPT would
+        queue behind (and stall) the batcher. Memberships are never reused
+        for another user, so a stale positive answer only lets a message in
+        that ``load_facts`` then routes with the current rows.
+        """
+        now = time.monotonic()
+        if self._known.get(address, 0.0) > now:
+            return True
+        if await self._lookup_sync_address(address):
+            self._known[address] = now + SYNC_ADDRESS_TTL_SECONDS
+            return True
+        return False
+
+    async def _lookup_sync_address(self, address: str) -> bool:
         lookups = Lookups(
             address_keys=frozenset(),
             own_message_id=None,

@@ -99,6 +99,8 @@ _ON_BEHALF = re.compile(
 _LABEL_LINE = re.compile(r"^\*?([^\W\d_][\w-]{0,15})\*?\s*:\*?\s?(.*)$")
 _SUBJECT_PREFIX = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?([^\W\d_]{1,6})\s*:")
 _MAX_BLANKS_BEFORE_BLOCK = 3
+_MAX_MARKER_CHARS = 120  # longest marker line seen is ~60 chars with its dashes
+_DASH_RUN = re.compile(r"-{3,}")
 _REQUIRED_ANY = frozenset(("subject", "date"))
 
 
@@ -128,13 +130,19 @@ def find_forwarded(parsed: ParsedMessage) -> ForwardedOriginal | None:
         if attached is not None:
             return attached
     forward_subject = has_forward_prefix(parsed.subject)
-    first: ForwardedOriginal | None = None
-    for text in (parsed.text_body, html_to_text(parsed.html_body or "")):
-        found = _find_inline(text, forward_subject=forward_subject) if text else None
+    found = None
+    if parsed.text_body:
+        found = _find_inline(parsed.text_body, forward_subject=forward_subject)
         if found is not None and found.from_ is not None:
             return found
-        first = first or found
-    return first
+    # The HTML is read only when the text part cannot tell: there is none, or
+    # the subject says "forward" (Outlook keeps the sender's address only in
+    # the HTML's mailto link). Rendering every HTML body cost 40 % of prepare().
+    if parsed.html_body and (not parsed.text_body or forward_subject):
+        from_html = _find_inline(html_to_text(parsed.html_body), forward_subject=forward_subject)
+        if from_html is not None and (from_html.from_ is not None or found is None):
+            return from_html
+    return found
 
 
 def has_forward_prefix(subject: str) -> bool:
@@ -211,7 +219,9 @@ def _marker_key(line: str) -> str:
     """Normalise a possible marker line: dash runs to ``---``, no colon, casefolded."""
     if len(line) >= 10 and set(line) == {"_"}:
         return "___"
-    key = re.sub(r"-{3,}", "---", " ".join(line.split())).casefold()
+    if len(line) > _MAX_MARKER_CHARS:
+        return ""
+    key = _DASH_RUN.sub("---", " ".join(line.split())).casefold()
     return key.rstrip(" :")
 
 

@@ -13,8 +13,9 @@ Rules (RFC 2045-2046, RFC 2183, RFC 2387):
   descended into: their bytes go to ``embedded`` and they are listed as an
   attachment whose payload is the embedded message.
 - Every other leaf is an attachment or inline part, in MIME order. A part
-  without Content-Disposition is ``inline`` when it has a Content-ID,
-  else ``attachment``. ``application/ms-tnef`` (winmail.dat) is an
+  without Content-Disposition is ``inline`` when it is ``text/*`` or has a
+  Content-ID, else ``attachment``. A multipart whose delimiter is never
+  found is read as ``text/plain``. ``application/ms-tnef`` (winmail.dat) is an
   ordinary attachment.
 """
 
@@ -37,6 +38,7 @@ MIME_STRUCTURE = "mime_structure"
 
 _EMBEDDED_TYPES = frozenset({"message/rfc822", "message/global"})
 _MAX_DEPTH = 64
+_PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
 _ENCODED_TRANSFER = frozenset({"base64", "quoted-printable"})
 
 
@@ -109,25 +111,42 @@ def walk_message(msg: Message) -> WalkResult:
 def _visit(part: Message, acc: _Walk, depth: int) -> None:
     """Visit one part and, for multiparts, its children in order."""
     if part.defects:
-        acc.defects.extend(Defect(kind=MIME_STRUCTURE, detail=type(d).__name__) for d in part.defects)
+        acc.defects.extend(
+            Defect(kind=MIME_STRUCTURE, detail=type(d).__name__) for d in part.defects
+        )
     if depth > _MAX_DEPTH:
         acc.defects.append(Defect(kind=MIME_STRUCTURE, detail="nesting too deep"))
         return
     content_type = part.get_content_type()
     # get_payload() without decode=True would decode with the declared
     # charset and raise on a label like "utf-8\\0"; only ask for lists.
-    payload = part.get_payload() if part.is_multipart() else _refold_multipart(part)
+    if part.is_multipart():
+        payload: list[Message] | None = _children(part)
+    elif content_type.startswith("multipart/"):
+        payload = _refold_multipart(part)
+    else:
+        payload = None
     if content_type in _EMBEDDED_TYPES:
         _add_embedded(part, acc)
-    elif isinstance(payload, list):
+    elif payload is not None:
         if content_type.startswith("multipart/") or not payload:
             for child in payload:
-                if isinstance(child, Message):
-                    _visit(child, acc, depth + 1)
+                _visit(child, acc, depth + 1)
         else:
             _add_attachment(part, content_type, _serialise_blocks(payload), acc)
-    elif not _take_body(part, content_type, acc):
-        _add_attachment(part, content_type, _leaf_bytes(part), acc)
+    else:
+        if content_type.startswith("multipart/"):
+            # No delimiter found (RFC 2046 §5.1.1): clients show such a body
+            # as plain text, and so do we.
+            content_type = "text/plain"
+        if not _take_body(part, content_type, acc):
+            _add_attachment(part, content_type, _leaf_bytes(part), acc)
+
+
+def _children(part: Message) -> list[Message]:
+    """Return the sub-parts of a multipart or message/* part, in order."""
+    payload = part.get_payload()
+    return [child for child in payload if isinstance(child, Message)]
 
 
 def _refold_multipart(part: Message) -> list[Message] | None:
@@ -137,7 +156,7 @@ def _refold_multipart(part: Message) -> list[Message] | None:
     unfolded; compat32 compares it folded, finds no delimiter and keeps the
     whole body as text. Returns the children, or None when not applicable.
     """
-    boundary = part.get_boundary() if part.get_content_maintype() == "multipart" else None
+    boundary = part.get_boundary()
     if not boundary or "\n" not in boundary:
         return None
     body = part.get_payload()
@@ -145,13 +164,13 @@ def _refold_multipart(part: Message) -> list[Message] | None:
         return None
     head = f'Content-Type: {part.get_content_type()}; boundary="{unfold(boundary)}"\n\n'
     data = (head + body).encode("utf-8", errors="surrogateescape")
-    children = BytesParser(policy=_VERBATIM).parsebytes(data).get_payload()
-    return children if isinstance(children, list) else None
+    reparsed = BytesParser(policy=_VERBATIM).parsebytes(data)
+    return _children(reparsed) if reparsed.is_multipart() else None
 
 
 def _serialise_blocks(blocks: list[Message]) -> bytes:
     """Serialise header blocks of message/delivery-status and the like."""
-    return b"\n".join(_as_bytes(block) for block in blocks if isinstance(block, Message))
+    return b"\n".join(_as_bytes(block) for block in blocks)
 
 
 def _as_bytes(msg: Message) -> bytes:
@@ -163,15 +182,36 @@ def _as_bytes(msg: Message) -> bytes:
 
 def _leaf_bytes(part: Message) -> bytes:
     """Return a leaf's payload with its transfer encoding removed."""
+    cte = part.get("content-transfer-encoding")
+    if cte is not None and str(cte) != str(cte).strip():
+        # compat32 compares the raw value: "base64 " (sent by real clients)
+        # would leave the payload encoded. Decode a trimmed copy instead.
+        copy = Message()
+        copy["Content-Transfer-Encoding"] = str(cte).strip()
+        copy.set_payload(part.get_payload())
+        part = copy
     data = part.get_payload(decode=True)
     return data if isinstance(data, bytes) else b""
 
 
-def _is_attachment(part: Message) -> bool:
-    """Return whether a part is marked as attachment or carries a filename."""
-    if "content-disposition" in part and part.get_content_disposition() == "attachment":
-        return True
-    return part.get_filename() is not None
+def _body_charset(part: Message) -> tuple[bool, str | None]:
+    """Return (usable as main body, declared charset) reading each header once.
+
+    A part is not a main body when its Content-Disposition says
+    ``attachment`` or names a file, or its Content-Type has a ``name``.
+    """
+    disposition = part.get("content-disposition")
+    if disposition is not None:
+        text = str(disposition).lower()
+        if text.lstrip().startswith("attachment") or "filename" in text:
+            return False, None
+    charset: str | None = None
+    for key, value in part.get_params(failobj=[])[1:]:
+        if key == "name":
+            return False, None
+        if key == "charset" and charset is None:
+            charset = str(collapse_rfc2231_value(value))
+    return True, charset
 
 
 def _take_body(part: Message, content_type: str, acc: _Walk) -> bool:
@@ -182,9 +222,10 @@ def _take_body(part: Message, content_type: str, acc: _Walk) -> bool:
         slot = "html_body"
     else:
         return False
-    if _is_attachment(part):
+    usable, charset = _body_charset(part)
+    if not usable:
         return False
-    text, defects = decode_bytes(_leaf_bytes(part), part.get_content_charset(), content_type)
+    text, defects = decode_bytes(_leaf_bytes(part), charset, content_type)
     acc.defects.extend(defects)
     setattr(acc, slot, text)
     return True
@@ -192,7 +233,7 @@ def _take_body(part: Message, content_type: str, acc: _Walk) -> bool:
 
 def _add_embedded(part: Message, acc: _Walk) -> None:
     """Keep a message/rfc822 part as raw bytes and as an attachment."""
-    payload = part.get_payload() if part.is_multipart() else None
+    payload = _children(part) if part.is_multipart() else None
     cte = str(part.get("content-transfer-encoding", "")).strip().lower()
     if cte in _ENCODED_TRANSFER and isinstance(payload, list) and payload:
         # Non-standard (RFC 2046 §5.2.1) but sent: the parser read the encoded
@@ -202,19 +243,40 @@ def _add_embedded(part: Message, acc: _Walk) -> None:
         copy.set_payload(_as_bytes(payload[0]).decode("ascii", errors="replace"))
         raw = _leaf_bytes(copy)
     elif isinstance(payload, list):
-        raw = b"".join(_as_bytes(m) for m in payload[:1] if isinstance(m, Message))
+        raw = b"".join(_as_bytes(m) for m in payload[:1])
     else:
         raw = _leaf_bytes(part)
     acc.embedded.append(raw)
     _add_attachment(part, part.get_content_type(), raw, acc)
 
 
+def _param_headers(part: Message) -> tuple[Message, tuple[Defect, ...]]:
+    """Return ``part``, or a stand-in whose 8-bit parameter headers are text.
+
+    compat32 hands out raw 8-bit header values as ``Header`` objects whose
+    ``str`` turns each byte into U+FFFD, so ``get_filename`` would lose a raw
+    UTF-8 or Latin-1 filename. The stand-in carries the repaired values.
+    """
+    raw = [(k, str(v)) for k, v in part.raw_items() if k.lower() in _PARAM_HEADERS]
+    if all(v.isascii() for _, v in raw):
+        return part, ()
+    stand_in = Message()
+    defects: tuple[Defect, ...] = ()
+    for key, value in raw:
+        text, found = fix_8bit_header(value)
+        stand_in[key] = text
+        defects += found
+    return stand_in, defects
+
+
 def _filename(part: Message) -> tuple[str | None, tuple[Defect, ...]]:
     """Return the decoded filename (RFC 2231, RFC 2047, raw 8-bit)."""
-    name = part.get_filename() or part.get_param("name")
+    source, defects = _param_headers(part)
+    name = source.get_filename() or source.get_param("name")
     if name is None:
         return None, ()
-    text, defects = fix_8bit_header(collapse_rfc2231_value(name))
+    text, more = fix_8bit_header(collapse_rfc2231_value(name))
+    defects += more
     decoded, more = decode_words(unfold(text))
     return decoded, defects + more
 
@@ -234,7 +296,10 @@ def _add_attachment(part: Message, content_type: str, payload: bytes, acc: _Walk
     content_id = _content_id(part)
     disposition = part.get_content_disposition()
     if disposition not in ("attachment", "inline"):
-        disposition = "inline" if content_id is not None else "attachment"
+        # RFC 2183 §2 leaves it to the reader; text parts and parts with a
+        # Content-ID (RFC 2387 related parts) are shown inline by clients.
+        inline = content_id is not None or content_type.startswith("text/")
+        disposition = "inline" if inline else "attachment"
     acc.defects.extend(defects)
     acc.attachments.append(
         Attachment(

@@ -156,7 +156,9 @@ def _build_addresses(pairs: list[tuple[str, str]]) -> tuple[list[Address], list[
     for name, spec in pairs:
         display, name_defects = decode_words(name)
         defects.extend(name_defects)
-        addresses.append(Address(display_name=display, addr_spec=spec, address_key=address_key(spec)))
+        addresses.append(
+            Address(display_name=display, addr_spec=spec, address_key=address_key(spec))
+        )
     return addresses, defects
 
 

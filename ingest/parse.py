@@ -20,6 +20,7 @@ pipeline quarantines the message.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
@@ -67,12 +68,12 @@ def parse_message(raw: bytes) -> ParsedMessage:
     """
     try:
         return _parse_full(raw)
-    except Exception as exc:  # noqa: BLE001 - the contract is "never raises"
+    except Exception as exc:
         failure = Defect(kind=PARSE_FAILED, detail=f"full parse: {type(exc).__name__}")
     try:
         msg = BytesParser(policy=compat32).parsebytes(bytes(raw), headersonly=True)
         return _build(bytes(raw), msg, _EMPTY_WALK, (failure,))
-    except Exception as exc:  # noqa: BLE001 - last resort, still must not raise
+    except Exception as exc:
         second = Defect(kind=PARSE_FAILED, detail=f"headers-only parse: {type(exc).__name__}")
         return _unparseable((failure, second), raw)
 
@@ -185,9 +186,17 @@ def _dedupe(defects: Iterable[Defect]) -> tuple[Defect, ...]:
     return tuple(dict.fromkeys(defects))[:MAX_DEFECTS]
 
 
-def _build(
-    raw: bytes, msg: Message, walk: WalkResult, extra: tuple[Defect, ...]
-) -> ParsedMessage:
+def _date(texts: dict[str, list[str]], defects: list[Defect]) -> tuple[datetime | None, str | None]:
+    """Parse the first Date header; return (aware UTC or None, raw value)."""
+    raw_date = next(iter(texts.get("date", [])), None)
+    if raw_date is None:
+        return None, None
+    date_at, more = parse_date_with_defects(raw_date)
+    defects.extend(more)
+    return date_at, raw_date
+
+
+def _build(raw: bytes, msg: Message, walk: WalkResult, extra: tuple[Defect, ...]) -> ParsedMessage:
     """Assemble the ``ParsedMessage`` from a parsed tree and its walk."""
     decoded, texts, defects = _decode_headers(msg)
     for name in _SINGLE_HEADERS:
@@ -199,12 +208,7 @@ def _build(
     message_id = own_ids[0] if own_ids else None
     in_reply_to, raw_in_reply_to = _ids(texts.get("in-reply-to", []), defects)
     references, raw_references = _ids(texts.get("references", []), defects)
-    raw_date = next(iter(texts.get("date", [])), None)
-    date_at = None
-    if raw_date is not None:
-        raw_date = unfold(raw_date)
-        date_at, more = parse_date_with_defects(raw_date)
-        defects.extend(more)
+    date_at, raw_date = _date(texts, defects)
     participants = _participants(texts, defects)
     subject = next((value for name, value in decoded if name.lower() == "subject"), "")
     defects.extend(walk.defects)
@@ -227,6 +231,7 @@ def _build(
         defects=_dedupe((*extra, *defects)),
         size_bytes=len(raw),
     )
-    if not decoded and walk.text_body is None and walk.html_body is None and not walk.attachments:
+    body = (walk.text_body or "") + (walk.html_body or "")
+    if not decoded and not body.strip() and not walk.attachments:
         return _unparseable(result.defects, raw)
     return result

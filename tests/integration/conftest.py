@@ -133,7 +133,7 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
+                with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
                         return
             except OSError:
@@ -173,8 +173,19 @@ class Tenant:
 
 def _psql(sql: str) -> None:
     subprocess.run(
-        ["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", "postgres", "-v", "ON_ERROR_STOP=1",
-         "-c", sql],
+        [
+            "psql",
+            "-h",
+            PG_HOST,
+            "-p",
+            str(PG_PORT),
+            "-U",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ],
         check=True,
         capture_output=True,
         timeout=60,
@@ -193,7 +204,9 @@ def _postgres_up() -> bool:
     scope="session",
     params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
 )
-def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
     """A ``mailgate serve`` on free ports, one per backend, for the session."""
     root = tmp_path_factory.mktemp(f"gw-{request.param}")
     database = None

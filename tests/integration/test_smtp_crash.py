@@ -45,28 +45,36 @@ async def test_sigkill_mid_stream_loses_no_acknowledged_message(
         queue.put_nowait(_message(tenant, index))
     acked: list[str] = []
     killed = asyncio.Event()
+    enough = asyncio.Event()
 
     async def client() -> None:
         while not queue.empty() and not killed.is_set():
             message_id, raw = queue.get_nowait()
             try:
-                await aiosmtplib.send(raw, sender=tenant.user_email,
-                                      recipients=[tenant.sync_address],
-                                      hostname="127.0.0.1", port=gateway.smtp_port, timeout=20)
+                await aiosmtplib.send(
+                    raw,
+                    sender=tenant.user_email,
+                    recipients=[tenant.sync_address],
+                    hostname="127.0.0.1",
+                    port=gateway.smtp_port,
+                    timeout=20,
+                )
             except (aiosmtplib.SMTPException, OSError):
                 continue  # not acknowledged: may or may not be stored
             acked.append(message_id)
+            if len(acked) >= KILL_AFTER_ACKS:
+                enough.set()
 
     async def killer() -> None:
-        while len(acked) < KILL_AFTER_ACKS:
-            await asyncio.sleep(0.01)
+        await enough.wait()
         await asyncio.to_thread(gateway.kill)
         killed.set()
 
     await asyncio.gather(killer(), *(client() for _ in range(CLIENT_COUNT)))
     await asyncio.to_thread(gateway.start)
-    view = gateway.cli("conversation", "show", "crash-contact@example.com",
-                       "--subaccount", tenant.subaccount)
+    view = gateway.cli(
+        "conversation", "show", "crash-contact@example.com", "--subaccount", tenant.subaccount
+    )
     stored = [m["message_id"] for m in view["messages"]]
     assert len(stored) == len(set(stored)), "a message was stored twice"
     missing = set(acked) - set(stored)

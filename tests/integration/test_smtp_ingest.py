@@ -7,6 +7,7 @@ computed with the stdlib ``email`` parser, independently of ours.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import hashlib
@@ -62,9 +63,21 @@ async def send(gw: Gateway, client: str, sender: str, rcpt: str, raw: bytes, tmp
             pytest.skip("swaks not installed (apt-get install swaks)")
         path = tmp / f"{uuid.uuid4().hex}.eml"
         path.write_bytes(raw)
-        done = subprocess.run(
-            ["swaks", "--server", f"127.0.0.1:{gw.smtp_port}", "--from", sender,
-             "--to", rcpt, "--data", f"@{path}", "--silent", "2"],
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "swaks",
+                "--server",
+                f"127.0.0.1:{gw.smtp_port}",
+                "--from",
+                sender,
+                "--to",
+                rcpt,
+                "--data",
+                f"@{path}",
+                "--silent",
+                "2",
+            ],
             capture_output=True,
             timeout=60,
             check=False,
@@ -75,15 +88,17 @@ async def send(gw: Gateway, client: str, sender: str, rcpt: str, raw: bytes, tmp
             assert smtp.sendmail(sender, [rcpt], raw) == {}
     else:
         await aiosmtplib.send(
-            raw, sender=sender, recipients=[rcpt], hostname="127.0.0.1", port=gw.smtp_port,
+            raw,
+            sender=sender,
+            recipients=[rcpt],
+            hostname="127.0.0.1",
+            port=gw.smtp_port,
             timeout=30,
         )
 
 
 def conversation(gw: Gateway, tenant: Tenant, contact: str) -> dict[str, Any]:
-    doc: dict[str, Any] = gw.cli(
-        "conversation", "show", contact, "--subaccount", tenant.subaccount
-    )
+    doc: dict[str, Any] = gw.cli("conversation", "show", contact, "--subaccount", tenant.subaccount)
     return doc
 
 
@@ -103,8 +118,9 @@ def _expected_attachments(msg: Message) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("index", range(len(CORPUS_MESSAGES)),
-                         ids=[Path(p).name for p in CORPUS_MESSAGES])
+@pytest.mark.parametrize(
+    "index", range(len(CORPUS_MESSAGES)), ids=[Path(p).name for p in CORPUS_MESSAGES]
+)
 async def test_r14_corpus_message_via_bcc_shown_once_with_participants_and_attachments(
     gateway: Gateway, index: int, tmp_path: Path
 ) -> None:
@@ -152,8 +168,17 @@ def test_too_large_refused_552(gateway: Gateway, tenant: Tenant) -> None:
         smtp.mail(tenant.user_email)
         smtp.rcpt(tenant.sync_address)
         assert smtp.data(raw) == _code(replies.TOO_BIG)
-    assert gateway.cli("conversation", "show", "big@example.com", "--subaccount",
-                       tenant.subaccount, check=False)["error"]["code"] == "not_found"
+    assert (
+        gateway.cli(
+            "conversation",
+            "show",
+            "big@example.com",
+            "--subaccount",
+            tenant.subaccount,
+            check=False,
+        )["error"]["code"]
+        == "not_found"
+    )
 
 
 def test_r15_foreign_sender_refused_with_5xx_and_nothing_stored(
@@ -165,8 +190,9 @@ def test_r15_foreign_sender_refused_with_5xx_and_nothing_stored(
             smtp.sendmail("mallory@evil.example", [tenant.sync_address], raw)
     assert exc_info.value.smtp_code == replies.SENDER_REFUSED.code
     assert exc_info.value.smtp_error.startswith(replies.SENDER_REFUSED.status.encode())
-    doc = gateway.cli("conversation", "show", "victim@example.com", "--subaccount",
-                      tenant.subaccount, check=False)
+    doc = gateway.cli(
+        "conversation", "show", "victim@example.com", "--subaccount", tenant.subaccount, check=False
+    )
     assert doc["error"]["code"] == "not_found"
     rules = [row["rule"] for row in gateway.cli("log")["entries"] if row["outcome"] == "refused"]
     assert "R15" in rules
@@ -175,15 +201,23 @@ def test_r15_foreign_sender_refused_with_5xx_and_nothing_stored(
 async def test_r12_same_message_twice_stored_once(gateway: Gateway, tenant: Tenant) -> None:
     raw = _simple(tenant, "twice@example.com")
     for _ in range(2):
-        await aiosmtplib.send(raw, sender=tenant.user_email, recipients=[tenant.sync_address],
-                              hostname="127.0.0.1", port=gateway.smtp_port)
+        await aiosmtplib.send(
+            raw,
+            sender=tenant.user_email,
+            recipients=[tenant.sync_address],
+            hostname="127.0.0.1",
+            port=gateway.smtp_port,
+        )
     assert len(conversation(gateway, tenant, "twice@example.com")["messages"]) == 1
 
 
 def test_r14_non_contact_recipient_created_and_assigned(gateway: Gateway, tenant: Tenant) -> None:
     with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=30) as smtp:
-        smtp.sendmail(tenant.user_email, [tenant.sync_address],
-                      _simple(tenant, "New Person <new.person@example.com>"))
+        smtp.sendmail(
+            tenant.user_email,
+            [tenant.sync_address],
+            _simple(tenant, "New Person <new.person@example.com>"),
+        )
     view = conversation(gateway, tenant, "new.person@example.com")
     assert view["contact"]["assigned_user_email"] == tenant.user_email
     assert len(view["messages"]) == 1
@@ -216,8 +250,9 @@ def test_r13_forward_logged_against_original_sender(gateway: Gateway, name: str)
     tenant = make_tenant(gateway, forwarder)
     raw = raw.replace(FIXTURE_SYNC_ADDRESS, tenant.sync_address.encode())
     original = FORWARD_ORIGINAL_SENDERS[name]
-    gateway.cli("contact", "add", original, "--subaccount", tenant.subaccount,
-                "--assign", forwarder)
+    gateway.cli(
+        "contact", "add", original, "--subaccount", tenant.subaccount, "--assign", forwarder
+    )
     with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=30) as smtp:
         assert smtp.sendmail(forwarder, [tenant.sync_address], raw) == {}
     assert len(conversation(gateway, tenant, original)["messages"]) == 1

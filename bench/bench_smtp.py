@@ -1,0 +1,182 @@
+"""SMTP ingest throughput end to end, beside a bare aiosmtpd sink (prints figures).
+
+Both servers run as separate processes on loopback, driven by the same
+client: CONNECTIONS concurrent aiosmtplib connections, each sending its
+share of COUNT ~10 KB messages on one SMTP session. The bare server is
+``python -m aiosmtpd`` with ``aiosmtpd.handlers.Sink`` (accept and
+discard). mailgate runs ``mailgate serve`` on SQLite in a temp dir, with
+durability kept (spool fsync + commit before each 250).
+
+Usage: .venv/bin/python bench/bench_smtp.py [--count 2000] [--connections 20]
+Not a test: it prints figures and never asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import make_msgid
+from pathlib import Path
+
+import aiosmtplib
+
+REPO = Path(__file__).resolve().parents[1]
+USER = "bench-user@example.org"
+MESSAGE_BYTES = 10 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def message(index: int) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = USER
+    msg["To"] = f"contact{index % 50}@example.com"
+    msg["Subject"] = f"bench {index}"
+    msg["Message-ID"] = make_msgid(idstring=f"b{index}", domain="bench.example.org")
+    msg.set_content(("lorem ipsum dolor sit amet " * 3 + "\n") * (MESSAGE_BYTES // 82))
+    return msg.as_bytes(policy=SMTP_POLICY)
+
+
+async def wait_port(port: int) -> None:
+    for _ in range(400):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+async def drive(port: int, rcpt: str, messages: list[bytes], connections: int) -> float:
+    """Send every message over ``connections`` sessions; return messages/s."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for raw in messages:
+        queue.put_nowait(raw)
+
+    async def worker() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60)
+        await client.connect()
+        while not queue.empty():
+            raw = queue.get_nowait()
+            await client.sendmail(USER, [rcpt], raw)
+        await client.quit()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return len(messages) / (time.perf_counter() - start)
+
+
+def mailgate(root: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args, "-c", str(root / "c.toml")],
+        capture_output=True,
+        env=env(),
+        cwd=root,
+        check=True,
+        text=True,
+    )
+    return done.stdout.strip()
+
+
+async def bench_mailgate(root: Path, messages: list[bytes], connections: int) -> float:
+    smtp_port, http_port = free_port(), free_port()
+    (root / "c.toml").write_text(
+        f'[storage]\ndatabase_url = "sqlite+aiosqlite:///{root}/db.sqlite"\n'
+        f'data_dir = "{root}/data"\n[smtp]\nport = {smtp_port}\n[http]\nport = {http_port}\n'
+    )
+    mailgate(root, "subaccount", "add", "bench")
+    mailgate(root, "user", "add", USER, "--name", "Bench", "--subaccount", "bench")
+    rcpt = json.loads(mailgate(root, "bcc-address", USER, "--subaccount", "bench", "--json"))
+    with (root / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "gateway", "serve", "-c", str(root / "c.toml")],
+            env=env(),
+            cwd=root,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        await wait_port(smtp_port)
+        rate = await drive(smtp_port, rcpt["address"], messages, connections)
+        url = f"http://127.0.0.1:{http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310, ASYNC210
+            accepted = [
+                line
+                for line in response.read().decode().splitlines()
+                if line.startswith(
+                    (
+                        "mailgate_messages_accepted_total",
+                        "mailgate_ingest_stage_seconds_sum",
+                        "mailgate_ingest_stage_seconds_count",
+                    )
+                )
+            ]
+        print("  mailgate metrics:", *accepted, sep="\n    ")
+        return rate
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+async def bench_sink(messages: list[bytes], connections: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [
+            sys.executable,
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            f"127.0.0.1:{port}",
+            "-c",
+            "aiosmtpd.handlers.Sink",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_port(port)
+        return await drive(port, "anyone@example.com", messages, connections)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=20)
+    args = parser.parse_args()
+    messages = [message(i) for i in range(args.count)]
+    size = sum(len(m) for m in messages) / len(messages)
+    print(f"{args.count} messages of {size:.0f} bytes, {args.connections} connections")
+    sink = await bench_sink(messages, args.connections)
+    print(f"bare aiosmtpd Sink:          {sink:8.1f} msg/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        gated = await bench_mailgate(Path(tmp), messages, args.connections)
+    print(f"mailgate (stored, durable):  {gated:8.1f} msg/s")
+    print(f"ratio mailgate / bare:       {gated / sink:8.2f}x  (target >= 0.3x)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
