@@ -101,6 +101,10 @@ _SUBJECT_PREFIX = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?([^\W\d_]{1,6})\s*:")
 _MAX_BLANKS_BEFORE_BLOCK = 3
 _MAX_MARKER_CHARS = 120  # longest marker line seen is ~60 chars with its dashes
 _DASH_RUN = re.compile(r"-{3,}")
+# Every FORWARD_MARKERS key has a dash run, an underscore rule, or one of these
+# first words; lines without any of them are not looked at (speed: most bodies
+# have no marker, and a C-level search over the text skips them whole).
+_MARKER_HINT = re.compile(r"-{3,}|_{10,}|^\s*(?:begin|anfang|d[ée]but|inicio)\b", re.I | re.M)
 _REQUIRED_ANY = frozenset(("subject", "date"))
 
 
@@ -193,8 +197,12 @@ def _from_embedded(raw: bytes) -> ForwardedOriginal | None:
 
 def _find_inline(text: str, *, forward_subject: bool) -> ForwardedOriginal | None:
     """Find the first forward block in a text body (see module docstring)."""
+    if not forward_subject and _MARKER_HINT.search(text) is None:
+        return None
     lines = [_clean_line(line) for line in text.splitlines()]
     for index, line in enumerate(lines):
+        if _MARKER_HINT.search(line) is None:
+            continue
         marker = _MARKERS.get(_marker_key(line))
         if marker is None or not (marker[1] or forward_subject):
             continue

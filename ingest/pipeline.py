@@ -61,6 +61,24 @@ def _lookups(
     )
 
 
+def _may_be_forward_to_sync_address(raw: RawMessage, parsed: ParsedMessage) -> bool:
+    """Whether R13 can apply: the message is addressed to no one but the sync address.
+
+    Forward detection (``ingest.forward``) reads bodies and renders HTML, the
+    costliest stage after parsing. R13 needs it only for mail whose To, Cc
+    and Bcc hold nothing but envelope recipients (the sync addresses) and
+    the sender's own addresses; every other message is the user's own mail
+    (R14) and its forward blocks do not matter.
+    """
+    if not isinstance(raw.provenance, SmtpEnvelope):
+        return False
+    own = {r.lower() for r in raw.provenance.envelope_recipients}
+    own.update(a.address_key for a in parsed.participants.from_)
+    return all(
+        a.address_key in own or a.addr_spec.lower() in own for a in parsed.participants.recipients()
+    )
+
+
 def prepare(raw: RawMessage) -> Prepared:
     """Parse, normalise, identify and link one message.
 
@@ -74,7 +92,7 @@ def prepare(raw: RawMessage) -> Prepared:
     parsed = parse_message(raw.raw)
     identity = identify(parsed)
     links = thread_links(parsed)
-    forwarded = find_forwarded(parsed)
+    forwarded = find_forwarded(parsed) if _may_be_forward_to_sync_address(raw, parsed) else None
     return Prepared(
         raw=raw,
         parsed=parsed,

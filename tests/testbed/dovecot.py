@@ -26,14 +26,13 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient  # type: ignore[import-untyped]
 
 from tests.testbed import dovecot_config as cfg
 from tests.testbed.netutil import free_ports, make_self_signed_cert
@@ -242,9 +241,7 @@ class Dovecot:
         if refused:
             raise smtplib.SMTPRecipientsRefused(refused)
 
-    def append(
-        self, user: str, folder: str, raw: bytes, flags: Iterable[str] = ()
-    ) -> int:
+    def append(self, user: str, folder: str, raw: bytes, flags: Iterable[str] = ()) -> int:
         """APPEND ``raw`` to ``folder`` of ``user`` (RFC 9051 §6.3.12).
 
         Returns:
@@ -267,15 +264,19 @@ class Dovecot:
 
     def users(self) -> frozenset[str]:
         """Return the addresses in the passwd-file (LMTP accepts exactly these)."""
-        return frozenset(p.name for p in (self.root / "passwd.d").iterdir()
-                         if not p.name.endswith(".tmp"))
+        return frozenset(
+            p.name for p in (self.root / "passwd.d").iterdir() if not p.name.endswith(".tmp")
+        )
 
     @contextmanager
     def imap_session(self, user: str) -> Iterator[IMAPClient]:
         """Yield an imapclient logged in as ``user`` over IMAPS with a fresh token."""
         assert self.ports is not None
         client = IMAPClient(
-            self.host, port=self.ports.imaps, ssl=True, ssl_context=self.ssl_context(),
+            self.host,
+            port=self.ports.imaps,
+            ssl=True,
+            ssl_context=self.ssl_context(),
             timeout=10,
         )
         try:
@@ -299,7 +300,9 @@ class Dovecot:
     def _doveadm(self, *args: str) -> str | None:
         done = subprocess.run(
             ["doveadm", "-c", str(self.root / "dovecot.conf"), *args],
-            capture_output=True, timeout=30, check=False,
+            capture_output=True,
+            timeout=30,
+            check=False,
         )
         if done.returncode == _EX_NOUSER:
             return None

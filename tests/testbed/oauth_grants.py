@@ -88,12 +88,23 @@ def make_grants(provider: OAuthProvider, flavour: str) -> tuple[type, type, type
         def authenticate_user(self, authorization_code: AuthCode) -> str:
             return authorization_code.user
 
-        def generate_token(self, user: str | None = None, scope: str | None = None,
-                           grant_type: str | None = None, expires_in: int | None = None,
-                           include_refresh_token: bool = True) -> dict[str, Any]:
+        def generate_token(
+            self,
+            user: str | None = None,
+            scope: str | None = None,
+            grant_type: str | None = None,
+            expires_in: int | None = None,
+            include_refresh_token: bool = True,
+        ) -> dict[str, Any]:
             code: AuthCode = self.request.authorization_code
-            return provider.issue(flavour, self.request.client, str(user), scope or "",
-                                  refresh=code.offline, nonce=code.nonce)
+            return provider.issue(
+                flavour,
+                self.request.client,
+                str(user),
+                scope or "",
+                refresh=code.offline,
+                nonce=code.nonce,
+            )
 
     class RefreshGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]  # noqa: RUF012
@@ -110,11 +121,22 @@ def make_grants(provider: OAuthProvider, flavour: str) -> tuple[type, type, type
         def revoke_old_credential(self, refresh_token: TokenRecord) -> None:
             """Keep it valid: neither provider revokes a refresh token on use."""
 
-        def generate_token(self, user: str | None = None, scope: str | None = None,
-                           grant_type: str | None = None, expires_in: int | None = None,
-                           include_refresh_token: bool = True) -> dict[str, Any]:
-            return provider.issue(flavour, self.request.client, str(user), scope or "",
-                                  refresh=flavour == MICROSOFT, nonce=None)
+        def generate_token(
+            self,
+            user: str | None = None,
+            scope: str | None = None,
+            grant_type: str | None = None,
+            expires_in: int | None = None,
+            include_refresh_token: bool = True,
+        ) -> dict[str, Any]:
+            return provider.issue(
+                flavour,
+                self.request.client,
+                str(user),
+                scope or "",
+                refresh=flavour == MICROSOFT,
+                nonce=None,
+            )
 
     class Revocation(RevocationEndpoint):  # type: ignore[misc]
         CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]  # noqa: RUF012

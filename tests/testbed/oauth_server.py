@@ -201,17 +201,32 @@ class OAuthProvider:
     # ------------------------------------------------- used by the grants
 
     def issue(
-        self, flavour: str, client: Client, user: str, scope: str, *, refresh: bool,
+        self,
+        flavour: str,
+        client: Client,
+        user: str,
+        scope: str,
+        *,
+        refresh: bool,
         nonce: str | None,
     ) -> dict[str, Any]:
         """Mint, record and return one token response (RFC 6749 §5.1)."""
         ttl = self.store.token_ttl_seconds
-        access = self.keys.mint(user, ttl_seconds=ttl, extra_claims={
-            "email": user, "scope": scope, "aud": client.client_id,
-            "iss": self.endpoints(flavour).issuer,
-        })
+        access = self.keys.mint(
+            user,
+            ttl_seconds=ttl,
+            extra_claims={
+                "email": user,
+                "scope": scope,
+                "aud": client.client_id,
+                "iss": self.endpoints(flavour).issuer,
+            },
+        )
         token: dict[str, Any] = {
-            "access_token": access, "token_type": "Bearer", "expires_in": ttl, "scope": scope,
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": ttl,
+            "scope": scope,
         }
         if refresh:
             token["refresh_token"] = secrets.token_urlsafe(48)
@@ -220,8 +235,13 @@ class OAuthProvider:
         if "openid" in scope.split():
             token["id_token"] = self._id_token(flavour, client, user, nonce)
         record = TokenRecord(
-            flavour=flavour, client_id=client.client_id, user=user, scope=scope,
-            access_token=access, refresh_token=token.get("refresh_token"), expires_in=ttl,
+            flavour=flavour,
+            client_id=client.client_id,
+            user=user,
+            scope=scope,
+            access_token=access,
+            refresh_token=token.get("refresh_token"),
+            expires_in=ttl,
         )
         with self.store.lock:
             self.store.tokens.append(record)
@@ -240,9 +260,13 @@ class OAuthProvider:
     def _id_token(self, flavour: str, client: Client, user: str, nonce: str | None) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": self.endpoints(flavour).issuer, "aud": client.client_id,
-            "sub": subject_id(user), "email": user, "email_verified": True,
-            "iat": now, "exp": now + 3600,
+            "iss": self.endpoints(flavour).issuer,
+            "aud": client.client_id,
+            "sub": subject_id(user),
+            "email": user,
+            "email_verified": True,
+            "iat": now,
+            "exp": now + 3600,
         }
         if nonce:
             claims["nonce"] = nonce
@@ -268,8 +292,9 @@ class OAuthProvider:
 
     def _routes(self) -> None:
         app = self.app
-        app.add_url_rule("/<flavour>/authorize", "authorize", self._authorize,
-                         methods=["GET", "POST"])
+        app.add_url_rule(
+            "/<flavour>/authorize", "authorize", self._authorize, methods=["GET", "POST"]
+        )
         app.add_url_rule("/<flavour>/token", "token", self._token, methods=["POST"])
         app.add_url_rule("/<flavour>/userinfo", "userinfo", self._userinfo, methods=["GET"])
         app.add_url_rule("/<flavour>/revoke", "revoke", self._revoke, methods=["POST"])
@@ -293,8 +318,9 @@ class OAuthProvider:
             return Response(consent_page(flavour, request.full_path), mimetype="text/html")
         user = request.form.get("login", "").strip().lower()
         allowed = request.form.get("decision") == "allow" and "@" in user
-        return server.create_authorization_response(grant_user=user if allowed else None,
-                                                    grant=grant)
+        return server.create_authorization_response(
+            grant_user=user if allowed else None, grant=grant
+        )
 
     def _token(self, flavour: str) -> Any:
         with self.store.lock:
@@ -312,9 +338,12 @@ class OAuthProvider:
         record = self.store.find_access(auth[7:]) if auth.startswith("Bearer ") else None
         valid = record is not None and not record.access_revoked and not record.is_expired()
         if record is None or not valid or record.flavour != flavour:
-            return Response('{"error": "invalid_token"}', status=401,
-                            content_type="application/json",
-                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            return Response(
+                '{"error": "invalid_token"}',
+                status=401,
+                content_type="application/json",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         return jsonify(sub=subject_id(record.user), email=record.user, email_verified=True)
 
     def _revoke(self, flavour: str) -> Any:
@@ -329,8 +358,9 @@ class OAuthProvider:
         token = request.values.get("token", "")
         record = self.store.find_refresh(token) or self.store.find_access(token)
         if record is None:
-            return Response('{"error": "invalid_token"}', status=400,
-                            content_type="application/json")
+            return Response(
+                '{"error": "invalid_token"}', status=400, content_type="application/json"
+            )
         self.revoke_record(record, token)
         return jsonify({})
 

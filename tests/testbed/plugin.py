@@ -82,15 +82,15 @@ def dovecot(testbed_keys: TokenKeys, oauth_provider: OAuthProvider) -> Iterator[
         server.cleanup()
         pytest.fail(f"testbed Dovecot unavailable: {exc}", pytrace=False)
     yield server
-    import shutil as _s; _s.copy(server.root / "dovecot.log", "/tmp/tb_last_dovecot.log")
     server.cleanup()
 
 
 @pytest.fixture(scope="session")
 def submission_server(testbed_keys: TokenKeys, dovecot: Dovecot) -> Iterator[SubmissionServer]:
     """The provider-like submission server delivering into the test Dovecot."""
-    server = SubmissionServer(testbed_keys, dovecot, cert_file=dovecot.ca_file,
-                              key_file=dovecot.root / "key.pem")
+    server = SubmissionServer(
+        testbed_keys, dovecot, cert_file=dovecot.ca_file, key_file=dovecot.root / "key.pem"
+    )
     server.start()
     yield server
     server.stop()
@@ -104,16 +104,23 @@ def submission(submission_server: SubmissionServer) -> Iterator[SubmissionServer
     submission_server.fail_next(0)
 
 
-def make_user(dovecot: Dovecot, keys: TokenKeys, layout: str | None,
-              password: str | None = None) -> TestbedUser:
+def make_user(
+    dovecot: Dovecot, keys: TokenKeys, layout: str | None, password: str | None = None
+) -> TestbedUser:
     """Add a unique user to ``dovecot`` and create its folder layout."""
     address = f"u{secrets.token_hex(5)}@{USER_DOMAIN}"
     dovecot.add_user(address, password)
     if layout is not None:
         dovecot.create_layout(address, layout)
     flavour = {"gmail": "google", "outlook": "microsoft"}.get(layout or "")
-    return TestbedUser(address=address, layout=layout, flavour=flavour, password=password,
-                       sent_folder=SENT_FOLDERS.get(layout or ""), keys=keys)
+    return TestbedUser(
+        address=address,
+        layout=layout,
+        flavour=flavour,
+        password=password,
+        sent_folder=SENT_FOLDERS.get(layout or ""),
+        keys=keys,
+    )
 
 
 @pytest.fixture

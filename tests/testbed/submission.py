@@ -27,6 +27,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
@@ -42,8 +43,10 @@ SENT_FOLDERS = {"gmail": "[Gmail]/Sent Mail", "outlook": "Sent Items"}
 REPLY_AUTH_FAILED = "535 5.7.8 Username and Password not accepted."
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication Required"
 REPLY_QUEUED = "250 2.0.0 OK queued"
-REPLY_TRANSIENT = {421: "421 4.7.0 Try again later, closing connection.",
-                   451: "451 4.3.0 Temporary server error. Please try again later."}
+REPLY_TRANSIENT = {
+    421: "421 4.7.0 Try again later, closing connection.",
+    451: "451 4.3.0 Temporary server error. Please try again later.",
+}
 GMAIL_ERROR_CHALLENGE = {"status": "400", "schemes": "Bearer", "scope": "https://mail.google.com/"}
 _MESSAGE_ID = re.compile(rb"^Message-ID:[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*", re.I | re.M)
 
@@ -71,13 +74,15 @@ class Transaction:
     sent_folder: str | None
 
 
-class _SubmissionSMTP(SMTP):  # type: ignore[misc]
+class _SubmissionSMTP(SMTP):
     command_size_limit = COMMAND_SIZE_LIMIT
-    command_size_limits: dict[str, int] = collections.defaultdict(lambda: COMMAND_SIZE_LIMIT)
+    command_size_limits: ClassVar[dict[str, int]] = collections.defaultdict(  # type: ignore[misc]
+        lambda: COMMAND_SIZE_LIMIT
+    )
     line_length_limit = COMMAND_SIZE_LIMIT
 
 
-class _Controller(Controller):  # type: ignore[misc]
+class _Controller(Controller):
     def factory(self) -> SMTP:
         return _SubmissionSMTP(self.handler, **self.SMTP_kwargs)
 
@@ -87,8 +92,9 @@ class SubmissionServer:
 
     hostname = "smtp.testbed.test"
 
-    def __init__(self, keys: TokenKeys, dovecot: Dovecot, *, cert_file: Path,
-                 key_file: Path) -> None:
+    def __init__(
+        self, keys: TokenKeys, dovecot: Dovecot, *, cert_file: Path, key_file: Path
+    ) -> None:
         """Build (not start); TLS uses ``cert_file``/``key_file`` (e.g. Dovecot's)."""
         self.keys = keys
         self.dovecot = dovecot
@@ -107,12 +113,23 @@ class SubmissionServer:
         """Listen on free loopback ports: ``port`` (STARTTLS) and ``tls_port`` (implicit TLS)."""
         for _attempt in range(5):
             self.port, self.tls_port = free_ports(2)
-            starttls = _Controller(self, hostname=LOOPBACK, port=self.port,
-                                   server_hostname=self.hostname, tls_context=self._tls,
-                                   require_starttls=True, auth_exclude_mechanism=["LOGIN", "PLAIN"])
-            implicit = _Controller(self, hostname=LOOPBACK, port=self.tls_port,
-                                   server_hostname=self.hostname, ssl_context=self._tls,
-                                   auth_exclude_mechanism=["LOGIN", "PLAIN"])
+            starttls = _Controller(
+                self,
+                hostname=LOOPBACK,
+                port=self.port,
+                server_hostname=self.hostname,
+                tls_context=self._tls,
+                require_starttls=True,
+                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            )
+            implicit = _Controller(
+                self,
+                hostname=LOOPBACK,
+                port=self.tls_port,
+                server_hostname=self.hostname,
+                ssl_context=self._tls,
+                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            )
             try:
                 for controller in (starttls, implicit):
                     controller.start()
@@ -141,7 +158,7 @@ class SubmissionServer:
 
     # -------------------------------------------------------------- hooks
 
-    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
         """AUTH XOAUTH2 (Google's XOAUTH2 document; RFC 4954 §4 framing)."""
         if len(args) == 2:
             try:
@@ -159,29 +176,47 @@ class SubmissionServer:
         await server.challenge_auth(json.dumps(GMAIL_ERROR_CHALLENGE))
         return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
-                          address: str, mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
         if not session.authenticated:
             return REPLY_AUTH_REQUIRED
         with self._lock:
             failure = self._failures.pop(0) if self._failures else None
         if failure is not None:
             if failure == 421:
-                asyncio.get_running_loop().call_soon(server.transport.close)
+                transport = server.transport
+                if transport is not None:
+                    asyncio.get_running_loop().call_soon(transport.close)
             return REPLY_TRANSIENT[failure]
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         if not session.authenticated:
             return REPLY_AUTH_REQUIRED
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session,  # noqa: N802
-                          envelope: Envelope) -> str:
+    async def handle_DATA(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+    ) -> str:
         content = bytes(envelope.original_content or b"")
         message_id = None
         if self.rewrite_message_id:
@@ -189,21 +224,28 @@ class SubmissionServer:
             content = _replace_message_id(content, message_id)
         sender = str(session.auth_data)
         transaction = await asyncio.to_thread(
-            self._deliver, sender, str(envelope.mail_from), tuple(envelope.rcpt_tos), content,
+            self._deliver,
+            sender,
+            str(envelope.mail_from),
+            tuple(envelope.rcpt_tos),
+            content,
             message_id,
         )
         with self._lock:
             self.transactions.append(transaction)
         if message_id is None:
             return REPLY_QUEUED
-        return (f"250 2.6.0 <{message_id}> [InternalId={next(self._internal_ids)}] "
-                "Queued mail for delivery")
+        return (
+            f"250 2.6.0 <{message_id}> [InternalId={next(self._internal_ids)}] "
+            "Queued mail for delivery"
+        )
 
     # ------------------------------------------------------------ helpers
 
     def _check_xoauth2(self, blob: bytes) -> str | None:
-        fields = dict(p.split("=", 1) for p in blob.decode(errors="replace").split("\x01")
-                      if "=" in p)
+        fields = dict(
+            p.split("=", 1) for p in blob.decode(errors="replace").split("\x01") if "=" in p
+        )
         auth = fields.get("auth", "")
         if not auth.lower().startswith("bearer "):
             return None
@@ -214,8 +256,14 @@ class SubmissionServer:
         user = fields.get("user", "").lower()
         return user if claims["sub"] == user else None
 
-    def _deliver(self, sender: str, envelope_sender: str, recipients: tuple[str, ...],
-                 content: bytes, message_id: str | None) -> Transaction:
+    def _deliver(
+        self,
+        sender: str,
+        envelope_sender: str,
+        recipients: tuple[str, ...],
+        content: bytes,
+        message_id: str | None,
+    ) -> Transaction:
         local = self.dovecot.users()
         delivered = tuple(r for r in recipients if r.lower() in local)
         for recipient in delivered:
@@ -224,9 +272,15 @@ class SubmissionServer:
         sent_folder = SENT_FOLDERS.get(layout or "")
         if sent_folder is not None:
             self.dovecot.append(sender, sent_folder, content, flags=("\\Seen",))
-        return Transaction(auth_user=sender, envelope_sender=envelope_sender,
-                           envelope_recipients=recipients, delivered_to=delivered,
-                           content=content, message_id=message_id, sent_folder=sent_folder)
+        return Transaction(
+            auth_user=sender,
+            envelope_sender=envelope_sender,
+            envelope_recipients=recipients,
+            delivered_to=delivered,
+            content=content,
+            message_id=message_id,
+            sent_folder=sent_folder,
+        )
 
 
 def _replace_message_id(content: bytes, message_id: str) -> bytes:
