@@ -122,6 +122,7 @@ class BccSettings(_Section):
     domain: str = Field(default="bcc.mailgate.localhost", min_length=1)
     create_contacts: bool = True
     require_dmarc: bool = False
+    dns_server: str = Field(default="", pattern=r"^$|^\[?[0-9A-Za-z.:-]+\]?(:[0-9]{1,5})?$")
     aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
 
