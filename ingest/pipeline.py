@@ -13,14 +13,15 @@ from datetime import datetime
 from ingest.forward import find_forwarded
 from ingest.identity import identify
 from ingest.parse import parse_message
-from ingest.route import route_sync_address
+from ingest.route import Route, route_sync_address
+from ingest.route_mailbox import route_mailbox
 from ingest.thread import thread_links
 from ingest.types import (
     AddressKey,
     Decision,
-    Direction,
     Facts,
     ForwardedOriginal,
+    ImapOrigin,
     LogEntry,
     Lookups,
     MessageId,
@@ -106,8 +107,10 @@ def prepare(raw: RawMessage) -> Prepared:
 def decide(prepared: Prepared, facts: Facts, now: datetime) -> Decision:
     """Decide what to store and where, with a rule id and reason for each choice.
 
-    Only the SMTP door (mail to sync addresses, R13-R15) exists so far; its
-    messages are routed by ``ingest.route.route_sync_address``.
+    Mail received at a sync address (SMTP envelope) is routed by
+    ``ingest.route.route_sync_address`` (R13-R15); mail fetched from a
+    watched mailbox (IMAP origin) by ``ingest.route_mailbox.route_mailbox``
+    (R1-R10, R13).
 
     Args:
         prepared: output of ``prepare``.
@@ -119,17 +122,18 @@ def decide(prepared: Prepared, facts: Facts, now: datetime) -> Decision:
         message already stored (R12) that passes R15 is a duplicate and is
         only logged.
 
-    Raises:
-        TypeError: for a provenance this pipeline has no routing for yet.
     """
-    if not isinstance(prepared.raw.provenance, SmtpEnvelope):
-        raise TypeError(f"no routing for provenance {type(prepared.raw.provenance).__name__}")
-    route = route_sync_address(prepared, facts)
+    provenance = prepared.raw.provenance
+    route: Route
+    if isinstance(provenance, ImapOrigin):
+        route, source = route_mailbox(prepared, facts, provenance), Source.MAILBOX
+    else:
+        route, source = route_sync_address(prepared, facts), Source.BCC
     if route.refusal is None and facts.duplicate_of is not None:
         return Decision(
             prepared=prepared,
-            direction=Direction.OUTBOUND,
-            source=Source.BCC,
+            direction=route.direction,
+            source=source,
             refusal=None,
             duplicate_of=facts.duplicate_of,
             thread=None,
@@ -147,7 +151,7 @@ def decide(prepared: Prepared, facts: Facts, now: datetime) -> Decision:
     return Decision(
         prepared=prepared,
         direction=route.direction,
-        source=Source.BCC,
+        source=source,
         refusal=route.refusal,
         duplicate_of=None,
         thread=route.thread,

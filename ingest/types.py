@@ -447,12 +447,14 @@ class ThreadFact:
         thread_id: the synced thread holding it.
         subaccount_id: one instance's sub-account.
         state: that instance's state.
+        origin: where the thread started (R1 ``crm``, R2 ``mailbox``, R14 ``bcc``).
     """
 
     message_id: MessageId
     thread_id: ThreadId
     subaccount_id: SubaccountId
     state: InstanceState
+    origin: ThreadOrigin = ThreadOrigin.BCC
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -481,10 +483,36 @@ class AuthResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteSettings:
-    """The config switches routing depends on (``[bcc]``)."""
+    """The config switches routing depends on (``[bcc]``, ``[sync]``)."""
 
     create_contacts: bool = True
     require_dmarc: bool = False
+    backfill_days: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailboxConnection:
+    """One sub-account in which a watched mailbox is connected (R2-R6).
+
+    The same provider account may be connected in several sub-accounts
+    (R4); each connection is one row of ``mailboxes``.
+
+    Attributes:
+        mailbox_id, subaccount_id, user_id: the connection's keys.
+        provider: ``gmail``, ``outlook`` or ``imap``.
+        address_key: the mailbox address, comparison form.
+        connected_at: aware UTC time the connection was made (R6).
+        contact_initiated: whether contact-initiated threads sync (R2 for
+            ``gmail``; ``providers.imap.contact_initiated`` for ``imap``).
+    """
+
+    mailbox_id: MailboxId
+    subaccount_id: SubaccountId
+    user_id: UserId
+    provider: Provider
+    address_key: AddressKey
+    connected_at: datetime
+    contact_initiated: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -500,6 +528,8 @@ class Facts:
         duplicate_of: row key of an already stored copy (R12), or None.
         auth: sender authentication result, None when not computed.
         settings: routing switches.
+        mailbox_connections: for IMAP-fetched mail, every active connection
+            of the provider account the message was fetched from (R4).
     """
 
     sync_targets: tuple[SyncTarget, ...] = ()
@@ -510,6 +540,7 @@ class Facts:
     duplicate_of: MessagePk | None = None
     auth: AuthResult | None = None
     settings: RouteSettings = field(default_factory=RouteSettings)
+    mailbox_connections: tuple[MailboxConnection, ...] = ()
 
 
 # ---------------------------------------------------------------------- decision
