@@ -3,11 +3,12 @@
 Start order::
 
     database (schema check / embedded upgrade) → spool → intake batcher
-      → recover leftover spool entries → SMTP listener → HTTP server → ready
+      → recover leftover spool entries → SMTP listener → scheduler (token
+      refresh, R22) → HTTP server (API, OAuth callback, settings page) → ready
 
 Stop order on SIGTERM/SIGINT (STYLE.md §8): stop accepting SMTP
 connections → finish in-flight ``accept()`` calls (the batcher commits
-what is queued) → stop HTTP → close the database. Every task lives in
+what is queued) → stop the scheduler → stop HTTP → close the database. Every task lives in
 one ``TaskGroup`` and is named.
 """
 
@@ -22,16 +23,22 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 import uvicorn
-from sqlalchemy.ext.asyncio import AsyncEngine
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.orm import Session
 
+from gateway.auth_check import SenderAuthenticator
 from gateway.config import Settings
 from gateway.http.app import build_http_app
+from gateway.http.auth import ApiKeys
+from gateway.http.context import HttpContext
 from gateway.intake import Intake
+from gateway.jobs import schedule_token_refresh
+from gateway.mailboxes import MailboxService
 from gateway.observability import Metrics
 from gateway.smtp.listener import BccHandler, start_smtp
 from gateway.spool import Spool
 from storage.blobs import BlobStore
-from storage.db import make_engine, make_session_factory
+from storage.db import Database
 from storage.migrate import schema_status, upgrade
 
 log = logging.getLogger(__name__)
@@ -52,13 +59,13 @@ def is_embedded(settings: Settings) -> bool:
     return settings.storage.database_url.startswith("sqlite")
 
 
-async def ensure_schema(engine: AsyncEngine, settings: Settings) -> None:
+async def ensure_schema(db: Database, settings: Settings) -> None:
     """Upgrade the embedded SQLite schema, or check PostgreSQL's is current.
 
     Raises:
         SchemaOutOfDate: a server database needs ``mailgate db upgrade``.
     """
-    current, head = await schema_status(engine)
+    current, head = await schema_status(db)
     if current == head:
         return
     if not is_embedded(settings):
@@ -87,27 +94,34 @@ async def serve(settings: Settings) -> None:
         SchemaOutOfDate: the database must be upgraded first.
         OSError: a port is in use or the data directory is not writable.
     """
-    engine = make_engine(settings.storage.database_url)
+    db = Database(settings.storage.database_url)
     try:
-        await ensure_schema(engine, settings)
-        await _serve(settings, engine)
+        await ensure_schema(db, settings)
+        await _serve(settings, db)
     finally:
-        await engine.dispose()
+        await db.close()
         log.info("stopped")
 
 
-async def _serve(settings: Settings, engine: AsyncEngine) -> None:
+def ping(session: Session) -> None:
+    """Run ``SELECT 1`` (readiness: the database answers)."""
+    session.execute(sa.text("SELECT 1"))
+
+
+async def _serve(settings: Settings, db: Database) -> None:
     data_dir = settings.storage.data_dir
     spool = Spool(data_dir / "spool")
     await asyncio.to_thread(spool.open)
     metrics = Metrics()
-    sessions = make_session_factory(engine)
     intake = Intake(
-        session_factory=sessions,
+        db=db,
         blobs=BlobStore(data_dir / "blobs"),
         spool=spool,
         bcc=settings.bcc,
         metrics=metrics,
+        auth_check=SenderAuthenticator(settings.bcc.dns_server)
+        if settings.bcc.require_dmarc
+        else None,
     )
     running = _Running()
     stop = asyncio.Event()
@@ -119,14 +133,19 @@ async def _serve(settings: Settings, engine: AsyncEngine) -> None:
         if running.smtp is None or not running.smtp.is_serving():
             return False, "smtp listener not serving"
         try:
-            async with engine.connect() as connection:
-                await connection.execute(sa.text("SELECT 1"))
+            await db.read(ping)
         except Exception:  # any failure means "not ready"; logged for the operator
             log.warning("database unreachable", exc_info=True)
             return False, "database unreachable"
         return True, ""
 
-    http_app = build_http_app(metrics=metrics, ready_check=ready_check)
+    service = MailboxService(db, settings)
+    context = HttpContext(
+        db=db, settings=settings, service=service, keys=ApiKeys(settings.http.api_keys)
+    )
+    http_app = build_http_app(metrics=metrics, ready_check=ready_check, context=context)
+    scheduler = AsyncIOScheduler()
+    schedule_token_refresh(scheduler, service)
     http = _Uvicorn(
         uvicorn.Config(
             http_app,
@@ -144,6 +163,7 @@ async def _serve(settings: Settings, engine: AsyncEngine) -> None:
         intake_task = group.create_task(intake.run(), name="intake")
         await intake.recover()
         running.smtp = await start_smtp(handler, settings.smtp)
+        scheduler.start()
         http_task = group.create_task(http.serve(), name="http")
         for sock in running.smtp.sockets:
             host, port = sock.getsockname()[:2]
@@ -153,5 +173,6 @@ async def _serve(settings: Settings, engine: AsyncEngine) -> None:
         running.smtp.close()
         await intake.close()
         await intake_task
+        scheduler.shutdown(wait=False)
         http.should_exit = True
         await http_task

@@ -135,18 +135,26 @@ class ApiKey(_Section):
 
 
 class HttpSettings(_Section):
-    """``[http]``: the ASGI server (health, metrics, later the API)."""
+    """``[http]``: the ASGI server (health, metrics, the API, the settings page).
+
+    ``session_secret`` signs the settings page's session cookie and its
+    sign-in links (itsdangerous HMAC); unset, the page is disabled.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(default=8025, ge=0, le=65535)
     public_url: str = "http://127.0.0.1:8025"
     api_keys: tuple[ApiKey, ...] = ()
+    session_secret: Secret | None = None
+    session_max_age_seconds: int = Field(default=43200, ge=60)
+    login_link_ttl_seconds: int = Field(default=900, ge=10)
 
 
 class SecuritySettings(_Section):
     """``[security]``: ``token_key`` encrypts tokens at rest (needed to connect mailboxes)."""
 
     token_key: Secret | None = None
+    previous_token_keys: tuple[Secret, ...] = ()
 
 
 class SyncSettings(_Section):
@@ -174,7 +182,10 @@ class ProviderSettings(_Section):
     token_url: str | None = None
     userinfo_url: str | None = None
     revoke_url: str | None = None
+    issuer: str | None = None
+    jwks_url: str | None = None
     scopes: tuple[str, ...] = ()
+    refresh_ahead_seconds: int = Field(default=300, ge=0)
     imap_host: str | None = None
     imap_port: int = Field(default=993, ge=1, le=65535)
     imap_security: Security = Security.TLS
@@ -199,6 +210,8 @@ class GmailSettings(ProviderSettings):
     token_url: str | None = "https://oauth2.googleapis.com/token"  # noqa: S105
     userinfo_url: str | None = "https://openidconnect.googleapis.com/v1/userinfo"
     revoke_url: str | None = "https://oauth2.googleapis.com/revoke"
+    issuer: str | None = "https://accounts.google.com"
+    jwks_url: str | None = "https://www.googleapis.com/oauth2/v3/certs"
     scopes: tuple[str, ...] = ("https://mail.google.com/", "openid", "email")
     imap_host: str | None = "imap.gmail.com"
     smtp_host: str | None = "smtp.gmail.com"
@@ -214,6 +227,7 @@ class OutlookSettings(ProviderSettings):
     authorize_url: str | None = "https://login.microsoftonline.com/common/oauth2/v2.0/authorize"
     token_url: str | None = "https://login.microsoftonline.com/common/oauth2/v2.0/token"  # noqa: S105
     userinfo_url: str | None = "https://graph.microsoft.com/oidc/userinfo"
+    jwks_url: str | None = "https://login.microsoftonline.com/common/discovery/v2.0/keys"
     scopes: tuple[str, ...] = (
         "offline_access",
         "https://outlook.office.com/IMAP.AccessAsUser.All",

@@ -18,7 +18,12 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class BlobStore:
-    """Bytes stored under their lowercase hex SHA-256 at ``root/ab/cd/<sha256>``.
+    """Bytes stored under their lowercase hex SHA-256 at ``root/ab/<sha256>``.
+
+    One level of 256 fan-out directories, as git's object store: the
+    directories are created once, so a new blob costs two fsyncs (file and
+    directory). Two levels (65,536 directories) made almost every blob create
+    a directory and cost four fsyncs (measured with bench/bench_smtp.py).
 
     Invariant: a file at a final path is complete and fsynced, and its
     content hashes to its name (written to a temp file in the same
@@ -39,7 +44,7 @@ class BlobStore:
         """
         if not _SHA256_HEX.fullmatch(sha256):
             raise ValueError("blob key must be 64 lowercase hex digits")
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        return self.root / sha256[:2] / sha256
 
     def put(self, data: bytes) -> str:
         """Store ``data`` durably and return its SHA-256 (lowercase hex).
@@ -66,8 +71,7 @@ class BlobStore:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         _fsync_dir(final.parent)
-        if new_dirs:  # the fan-out directories' own entries must be durable too
-            _fsync_dir(final.parent.parent)
+        if new_dirs:  # the fan-out directory's own entry must be durable too
             _fsync_dir(self.root)
         return sha256
 

@@ -13,8 +13,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
+
+from storage.db import Database
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -23,7 +24,7 @@ def alembic_config(database_url: str | None = None) -> Config:
     """Return an Alembic ``Config`` pointing at ``storage/migrations``.
 
     Args:
-        database_url: async URL (``sqlite+aiosqlite://…``,
+        database_url: URL (``sqlite+aiosqlite://…``, ``sqlite://…``,
             ``postgresql+asyncpg://…``) handed to env.py, or None to only
             read the script directory.
     """
@@ -40,7 +41,8 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (default head).
 
     Args:
-        database_url: async SQLAlchemy URL of the database.
+        database_url: SQLAlchemy URL of the database (SQLite runs on the
+            stdlib driver, PostgreSQL on asyncpg).
         revision: Alembic revision target.
 
     Raises:
@@ -58,16 +60,15 @@ def head_revision() -> str:
     return head
 
 
-async def schema_status(engine: AsyncEngine) -> tuple[str | None, str]:
+async def schema_status(db: Database) -> tuple[str | None, str]:
     """Return ``(current_revision, head_revision)`` of the database.
 
     ``current_revision`` is None for an empty (never migrated) database.
     The schema is up to date when both are equal.
     """
-    async with engine.connect() as connection:
-        current = await connection.run_sync(_current_revision)
+    current = await db.read(_current_revision)
     return current, head_revision()
 
 
-def _current_revision(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+def _current_revision(session: Session) -> str | None:
+    return MigrationContext.configure(session.connection()).get_current_revision()

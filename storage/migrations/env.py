@@ -1,4 +1,4 @@
-"""Alembic environment for mailgate: runs migrations on the async engine.
+"""Alembic environment for mailgate: runs migrations on SQLite (sync) or PostgreSQL (async).
 
 Configured programmatically by ``storage.migrate`` (no alembic.ini needed):
 the database URL comes from ``config.attributes["database_url"]``, or an
@@ -16,7 +16,7 @@ from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 
-from storage.db import make_engine
+from storage.db import is_sqlite, make_engine, make_sqlite_engine
 from storage.models import Base, UtcDateTime
 
 config = context.config
@@ -54,8 +54,18 @@ def do_run_migrations(connection: Connection) -> None:
         context.run_migrations()
 
 
+def run_sqlite_migrations(database_url: str) -> None:
+    """Open the sync SQLite engine (stdlib driver) for ``database_url`` and migrate."""
+    engine = make_sqlite_engine(database_url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            do_run_migrations(connection)
+    finally:
+        engine.dispose()
+
+
 async def run_async_migrations(database_url: str) -> None:
-    """Open the async engine for ``database_url`` and run the migrations."""
+    """Open the async PostgreSQL engine for ``database_url`` and run the migrations."""
     engine = make_engine(database_url, poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
@@ -73,7 +83,10 @@ def run_migrations_online() -> None:
     database_url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")
     if not database_url:
         raise RuntimeError("no database URL given to the Alembic environment")
-    asyncio.run(run_async_migrations(database_url))
+    if is_sqlite(database_url):
+        run_sqlite_migrations(database_url)
+    else:
+        asyncio.run(run_async_migrations(database_url))
 
 
 if context.is_offline_mode():

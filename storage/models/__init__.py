@@ -27,6 +27,7 @@ from storage.models.messages import (
     SyncedThread,
     ThreadInstance,
 )
+from storage.models.oauth import OAuthState
 
 __all__ = [
     "Base",
@@ -43,6 +44,7 @@ __all__ = [
     "MessageLocation",
     "MessageParticipant",
     "MessageReference",
+    "OAuthState",
     "OutboundKind",
     "OutboundMessage",
     "OutboundState",

@@ -41,6 +41,14 @@ class Mailbox(Base):
     disconnected_at: Mapped[datetime | None] = mapped_column()
     last_sync_at: Mapped[datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(sa.Text)
+    # Migration 0002 (issue 3): when the stored access token expires (None for
+    # passwords); generic IMAP/SMTP server settings (hosts, ports, security,
+    # username; never the password); the mailbox that replaced this one (R20).
+    token_expires_at: Mapped[datetime | None] = mapped_column()
+    server_settings: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    replaced_by_mailbox_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("mailboxes.id", ondelete="SET NULL")
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

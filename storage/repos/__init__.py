@@ -1,4 +1,5 @@
-"""Repositories: async functions over a caller's ``AsyncSession`` returning frozen values.
+"""Repositories: plain synchronous functions over a caller's ``Session`` returning frozen values.
 
-None of them commits; ``apply_decision`` and ``quarantine_message`` flush.
+None of them commits (``storage.db.Database.run`` owns the transaction);
+``apply_decision`` and ``quarantine_message`` flush.
 """

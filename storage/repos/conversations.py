@@ -1,6 +1,6 @@
 """Conversation view: a contact's timeline as shown by ``mailgate conversation show``.
 
-Edge module: read-only async queries on a caller's ``AsyncSession``;
+Edge module: read-only queries on a caller's ``Session``;
 returns frozen dataclasses (models never leave storage, STYLE.md §5).
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from ingest.normalise import address_key
 from ingest.types import (
@@ -89,9 +89,7 @@ class ConversationView:
     messages: tuple[MessageView, ...]
 
 
-async def conversation_view(
-    session: AsyncSession, subaccount_id: int, contact_email: str
-) -> ConversationView:
+def conversation_view(session: Session, subaccount_id: int, contact_email: str) -> ConversationView:
     """Return the conversation of the contact with ``contact_email`` in a sub-account.
 
     When several contacts share the address (imported duplicates), the R10
@@ -103,7 +101,7 @@ async def conversation_view(
         NotFound: no contact with that address in the sub-account.
     """
     row = (
-        await session.execute(
+        session.execute(
             sa.select(Contact, User.email)
             .outerjoin(User, User.id == Contact.assigned_user_id)
             .where(
@@ -125,12 +123,12 @@ async def conversation_view(
         name=contact.name,
         assigned_user_email=assigned_email,
     )
-    return ConversationView(contact=view, messages=await _messages(session, contact.id))
+    return ConversationView(contact=view, messages=_messages(session, contact.id))
 
 
-async def _messages(session: AsyncSession, contact_id: int) -> tuple[MessageView, ...]:
+def _messages(session: Session, contact_id: int) -> tuple[MessageView, ...]:
     messages = list(
-        await session.scalars(
+        session.scalars(
             sa.select(Message)
             .join(ConversationMessage, ConversationMessage.message_pk == Message.id)
             .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
@@ -140,8 +138,8 @@ async def _messages(session: AsyncSession, contact_id: int) -> tuple[MessageView
     )
     messages.sort(key=lambda m: (m.date_at or m.created_at, m.id))
     pks = [m.id for m in messages]
-    addresses = await _addresses(session, pks)
-    attachments = await _attachments(session, pks)
+    addresses = _addresses(session, pks)
+    attachments = _attachments(session, pks)
     return tuple(
         MessageView(
             id=MessagePk(m.id),
@@ -161,13 +159,13 @@ async def _messages(session: AsyncSession, contact_id: int) -> tuple[MessageView
     )
 
 
-async def _addresses(
-    session: AsyncSession, pks: list[int]
+def _addresses(
+    session: Session, pks: list[int]
 ) -> defaultdict[tuple[int, ParticipantRole], tuple[AddressView, ...]]:
     out: defaultdict[tuple[int, ParticipantRole], tuple[AddressView, ...]] = defaultdict(tuple)
     if not pks:
         return out
-    rows = await session.scalars(
+    rows = session.scalars(
         sa.select(MessageParticipant)
         .where(MessageParticipant.message_pk.in_(pks))
         .order_by(
@@ -180,13 +178,11 @@ async def _addresses(
     return out
 
 
-async def _attachments(
-    session: AsyncSession, pks: list[int]
-) -> defaultdict[int, tuple[AttachmentView, ...]]:
+def _attachments(session: Session, pks: list[int]) -> defaultdict[int, tuple[AttachmentView, ...]]:
     out: defaultdict[int, tuple[AttachmentView, ...]] = defaultdict(tuple)
     if not pks:
         return out
-    rows = await session.scalars(
+    rows = session.scalars(
         sa.select(MessageAttachment)
         .where(MessageAttachment.message_pk.in_(pks))
         .order_by(MessageAttachment.message_pk, MessageAttachment.position)

@@ -1,6 +1,6 @@
 """Directory repository: sub-accounts, users with their sync addresses, contacts.
 
-Edge module: async queries on a caller's ``AsyncSession``. Never commits
+Edge module: sync queries on a caller's ``Session``. Never commits
 (the caller owns the transaction); flushes so new ids are known. Addresses
 are compared by ``ingest.normalise.address_key`` (R10, R15).
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from ingest.normalise import address_key, parse_addresses
 from ingest.types import ContactId, SubaccountId, UserId
@@ -51,7 +51,7 @@ def new_sync_token() -> str:
     return "".join(secrets.choice(SYNC_TOKEN_ALPHABET) for _ in range(SYNC_TOKEN_LENGTH))
 
 
-async def add_subaccount(session: AsyncSession, name: str) -> SubaccountId:
+def add_subaccount(session: Session, name: str) -> SubaccountId:
     """Create a sub-account.
 
     Raises:
@@ -61,15 +61,15 @@ async def add_subaccount(session: AsyncSession, name: str) -> SubaccountId:
     name = name.strip()
     if not name:
         raise ValueError("sub-account name must not be empty")
-    if await session.scalar(sa.select(Subaccount.id).where(Subaccount.name == name)) is not None:
+    if session.scalar(sa.select(Subaccount.id).where(Subaccount.name == name)) is not None:
         raise Conflict(f"sub-account {name!r} exists")
     row = Subaccount(name=name)
     session.add(row)
-    await session.flush()
+    session.flush()
     return SubaccountId(row.id)
 
 
-async def resolve_subaccount(session: AsyncSession, ref: str) -> SubaccountId:
+def resolve_subaccount(session: Session, ref: str) -> SubaccountId:
     """Return the id of the sub-account ``ref`` names: a numeric id, else a name.
 
     Raises:
@@ -77,18 +77,16 @@ async def resolve_subaccount(session: AsyncSession, ref: str) -> SubaccountId:
     """
     ref = ref.strip()
     if ref.isdigit():
-        found = await session.scalar(sa.select(Subaccount.id).where(Subaccount.id == int(ref)))
+        found = session.scalar(sa.select(Subaccount.id).where(Subaccount.id == int(ref)))
         if found is not None:
             return SubaccountId(found)
-    found = await session.scalar(sa.select(Subaccount.id).where(Subaccount.name == ref))
+    found = session.scalar(sa.select(Subaccount.id).where(Subaccount.name == ref))
     if found is None:
         raise NotFound(f"no sub-account {ref!r}")
     return SubaccountId(found)
 
 
-async def add_user(
-    session: AsyncSession, email: str, name: str, subaccount_ids: Iterable[int]
-) -> UserId:
+def add_user(session: Session, email: str, name: str, subaccount_ids: Iterable[int]) -> UserId:
     """Create a user (or reuse one with the same address) with memberships.
 
     Each new membership gets a fresh sync token (R14). An existing user
@@ -108,28 +106,26 @@ async def add_user(
     """
     email = _one_addr_spec(email)
     wanted = set(subaccount_ids)
-    await _require_subaccounts(session, wanted)
+    _require_subaccounts(session, wanted)
     key = address_key(email)
-    user = await session.scalar(sa.select(User).where(User.email_key == key))
+    user = session.scalar(sa.select(User).where(User.email_key == key))
     if user is None:
         user = User(email=email, email_key=key, name=name)
         session.add(user)
-        await session.flush()
+        session.flush()
     have = set(
-        await session.scalars(
-            sa.select(Membership.subaccount_id).where(Membership.user_id == user.id)
-        )
+        session.scalars(sa.select(Membership.subaccount_id).where(Membership.user_id == user.id))
     )
     for subaccount_id in sorted(wanted - have):
         session.add(
             Membership(user_id=user.id, subaccount_id=subaccount_id, sync_token=new_sync_token())
         )
-    await session.flush()
+    session.flush()
     return UserId(user.id)
 
 
-async def add_contact(
-    session: AsyncSession,
+def add_contact(
+    session: Session,
     subaccount_id: int,
     email: str,
     name: str | None = None,
@@ -145,13 +141,13 @@ async def add_contact(
         ValueError: ``email`` is not one address.
     """
     email = _one_addr_spec(email)
-    await _require_subaccounts(session, {subaccount_id})
+    _require_subaccounts(session, {subaccount_id})
     key = address_key(email)
-    if await _contact_exists(session, subaccount_id, key):
+    if _contact_exists(session, subaccount_id, key):
         raise Conflict(f"contact {email!r} exists in sub-account {subaccount_id}")
     assigned = None
     if assigned_user_email:
-        assigned = await _member_user_id(session, assigned_user_email, subaccount_id)
+        assigned = _member_user_id(session, assigned_user_email, subaccount_id)
     contact = Contact(
         subaccount_id=subaccount_id,
         email=email,
@@ -160,12 +156,12 @@ async def add_contact(
         assigned_user_id=assigned,
     )
     session.add(contact)
-    await session.flush()
+    session.flush()
     return ContactId(contact.id)
 
 
-async def import_contacts(
-    session: AsyncSession, subaccount_id: int, rows: Iterable[Mapping[str, str | None]]
+def import_contacts(
+    session: Session, subaccount_id: int, rows: Iterable[Mapping[str, str | None]]
 ) -> ImportReport:
     """Create contacts from rows with keys ``email``, ``name``, ``assigned_user_email``.
 
@@ -175,12 +171,12 @@ async def import_contacts(
     Raises:
         NotFound: the sub-account does not exist.
     """
-    await _require_subaccounts(session, {subaccount_id})
+    _require_subaccounts(session, {subaccount_id})
     created = skipped = 0
     errors: list[tuple[int, str]] = []
     for line, row in enumerate(rows, start=2):
         try:
-            await add_contact(
+            add_contact(
                 session,
                 subaccount_id,
                 (row.get("email") or "").strip(),
@@ -196,15 +192,13 @@ async def import_contacts(
     return ImportReport(created=created, skipped=skipped, errors=tuple(errors))
 
 
-async def sync_address(
-    session: AsyncSession, user_email: str, subaccount_id: int, domain: str
-) -> str:
+def sync_address(session: Session, user_email: str, subaccount_id: int, domain: str) -> str:
     """Return the user's sync address in a sub-account: ``u-<token>@<domain>`` (R14).
 
     Raises:
         NotFound: no such user, or the user is not a member of the sub-account.
     """
-    token = await session.scalar(
+    token = session.scalar(
         sa.select(Membership.sync_token)
         .join(User, User.id == Membership.user_id)
         .where(User.email_key == address_key(user_email.strip()))
@@ -222,26 +216,26 @@ def _one_addr_spec(value: str) -> str:
     return addresses[0].addr_spec
 
 
-async def _require_subaccounts(session: AsyncSession, ids: set[int]) -> None:
+def _require_subaccounts(session: Session, ids: set[int]) -> None:
     if not ids:
         return
-    found = set(await session.scalars(sa.select(Subaccount.id).where(Subaccount.id.in_(ids))))
+    found = set(session.scalars(sa.select(Subaccount.id).where(Subaccount.id.in_(ids))))
     missing = sorted(ids - found)
     if missing:
         raise NotFound(f"no sub-account {missing[0]}")
 
 
-async def _contact_exists(session: AsyncSession, subaccount_id: int, key: str) -> bool:
+def _contact_exists(session: Session, subaccount_id: int, key: str) -> bool:
     query = (
         sa.select(Contact.id)
         .where(Contact.address_key == key, Contact.subaccount_id == subaccount_id)
         .limit(1)
     )
-    return await session.scalar(query) is not None
+    return session.scalar(query) is not None
 
 
-async def _member_user_id(session: AsyncSession, email: str, subaccount_id: int) -> int:
-    user_id = await session.scalar(
+def _member_user_id(session: Session, email: str, subaccount_id: int) -> int:
+    user_id = session.scalar(
         sa.select(User.id)
         .join(Membership, Membership.user_id == User.id)
         .where(User.email_key == address_key(email), Membership.subaccount_id == subaccount_id)

@@ -1,25 +1,28 @@
 """Message repository: apply a ``Decision`` (store once, link to conversations, log).
 
-Edge module: async writes on a caller's ``AsyncSession`` plus blob-store
-writes; never commits. The caller commits, and only then acknowledges
-(SMTP 250 or the IMAP checkpoint: BEHAVIOUR.md "Never").
+Edge module: sync writes on a caller's ``Session`` plus blob-store writes
+(fsync: call from a worker thread, as ``storage.db.Database`` does); never
+commits. The caller commits, and only then acknowledges (SMTP 250 or the
+IMAP checkpoint: BEHAVIOUR.md "Never"). Rows hanging off a message go in
+with one executemany ``INSERT`` per table (Core, no ORM unit of work), so
+a stored message costs about ten statements.
 
 Races: two transactions storing the same message (same identity key, R12)
 both pass ``load_facts``; the second fails with ``sqlalchemy.exc.IntegrityError``
-on ``uq_messages_identity_key`` at flush or commit. The same holds for two
-first messages creating one conversation or thread instance. The caller
-rolls back and runs the pipeline again: the retry sees ``duplicate_of``.
-Blobs written before the failure are harmless (content-addressed).
+on ``uq_messages_identity_key`` at its INSERT or at commit. The same holds
+for two first messages creating one conversation. The caller rolls back
+and runs the pipeline again: the retry sees ``duplicate_of``. Blobs
+written before the failure are harmless (content-addressed).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import replace
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from ingest.types import (
     Address,
@@ -50,12 +53,20 @@ from storage.models import (
     MessageReference,
 )
 from storage.repos.conversations import ConversationView, conversation_view
-from storage.repos.facts import load_facts
+from storage.repos.facts import load_facts, resolve_sync_address
+from storage.repos.inserts import insert_ignoring_duplicates, insert_rows, table_of
 from storage.repos.sync_log import LogContext, add_log_rows
 from storage.repos.threads import ensure_instances, resolve_thread
 
 DUPLICATE_RULE = "R12"
 """Rule of the default log row for a duplicate without one in ``Decision.log``."""
+
+_INSERT_MESSAGE = table_of(Message).insert().returning(table_of(Message).c.id)
+_INSERT_CONTACT = table_of(Contact).insert().returning(table_of(Contact).c.id)
+_INSERT_CONVERSATION = table_of(Conversation).insert().returning(table_of(Conversation).c.id)
+_CONVERSATIONS = sa.select(Conversation.contact_id, Conversation.id).where(
+    Conversation.contact_id.in_(sa.bindparam("contact_ids", expanding=True))
+)
 
 __all__ = [
     "ConversationView",
@@ -63,12 +74,11 @@ __all__ = [
     "apply_decision",
     "conversation_view",
     "load_facts",
+    "resolve_sync_address",
 ]
 
 
-async def apply_decision(
-    session: AsyncSession, decision: Decision, blobs: BlobStore
-) -> MessagePk | None:
+def apply_decision(session: Session, decision: Decision, blobs: BlobStore) -> MessagePk | None:
     """Write what ``decision`` says, in the caller's transaction.
 
     - refusal (R15): only sync-log rows (one ``refused`` row at least); no blob.
@@ -81,6 +91,8 @@ async def apply_decision(
       thread instances (R4), links (R9: one row, many links), log rows.
     - otherwise: the raw blob (nothing received is lost) and log rows that
       name it; returns None.
+
+    Blob writes fsync: call this from a worker thread, not the event loop.
 
     Returns:
         The stored (or already stored) message's key, or None.
@@ -103,117 +115,124 @@ async def apply_decision(
             rule=decision.refusal.rule, reason=decision.refusal.reason, outcome=Outcome.REFUSED
         )
         add_log_rows(session, context, _with_default(decision.log, default))
-        await session.flush()
         return None
     if decision.duplicate_of is not None:
         pk = decision.duplicate_of
-        await _add_location(session, pk, prepared.raw.provenance)
+        _add_location(session, pk, prepared.raw.provenance)
         default = LogEntry(rule=DUPLICATE_RULE, reason="already stored", outcome=Outcome.DUPLICATE)
-        context = replace(context, message_pk=pk)
-        add_log_rows(session, context, _with_default(decision.log, default))
-        await session.flush()
+        add_log_rows(session, replace(context, message_pk=pk), _with_default(decision.log, default))
         return pk
-    raw_sha256 = await asyncio.to_thread(blobs.put, prepared.raw.raw)
+    raw_sha256 = blobs.put(prepared.raw.raw)
     if not decision.stores:
         add_log_rows(session, replace(context, raw_sha256=raw_sha256), decision.log)
-        await session.flush()
         return None
-    pk = await _store(session, decision, blobs, raw_sha256)
+    pk = _store(session, decision, blobs, raw_sha256)
     add_log_rows(session, replace(context, message_pk=pk), decision.log)
-    await session.flush()
     return pk
 
 
-async def add_provider_message_id(
-    session: AsyncSession, message_pk: MessagePk, message_id: MessageId
-) -> None:
+def add_provider_message_id(session: Session, message_pk: MessagePk, message_id: MessageId) -> None:
     """Record a Message-ID a provider gave a sent message (R11, Exchange rewrite).
 
     Replies citing either id then join the thread. Idempotent.
     """
-    exists = await session.scalar(
+    exists = session.scalar(
         sa.select(KnownMessageId.id).where(
             KnownMessageId.message_pk == message_pk, KnownMessageId.message_id == message_id
         )
     )
     if exists is None:
-        session.add(
-            KnownMessageId(
-                message_pk=message_pk, message_id=message_id, kind=MessageIdKind.PROVIDER
-            )
+        insert_rows(
+            session,
+            KnownMessageId,
+            [{"message_pk": message_pk, "message_id": message_id, "kind": MessageIdKind.PROVIDER}],
         )
-        await session.flush()
 
 
-async def _store(
-    session: AsyncSession, decision: Decision, blobs: BlobStore, raw_sha256: str
-) -> MessagePk:
+def _store(session: Session, decision: Decision, blobs: BlobStore, raw_sha256: str) -> MessagePk:
     prepared = decision.prepared
     parsed = prepared.parsed
     if decision.thread is None:
         raise ValueError("a decision that stores a message must name its thread")
     provenance = prepared.raw.provenance
     x_gm_thrid = provenance.x_gm_thrid if isinstance(provenance, ImapOrigin) else None
-    thread_id = await resolve_thread(session, decision.thread, x_gm_thrid)
-    attachment_shas = [await asyncio.to_thread(blobs.put, a.payload) for a in parsed.attachments]
-    message = Message(
-        identity_key=prepared.identity.key,
-        message_id=parsed.message_id,
-        header_digest=prepared.identity.header_digest,
-        thread_id=thread_id,
-        direction=decision.direction,
-        source=decision.source,
-        subject=parsed.subject,
-        date_at=parsed.date_at,
-        raw_sha256=raw_sha256,
-        size_bytes=len(prepared.raw.raw),
-        raw_message_id=parsed.raw_message_id,
-        raw_in_reply_to=parsed.raw_in_reply_to,
-        raw_references=parsed.raw_references,
-        text_body=parsed.text_body,
-        html_body=parsed.html_body,
-    )
-    session.add(message)
-    await session.flush()
-    pk = MessagePk(message.id)
+    thread_id = resolve_thread(session, decision.thread, x_gm_thrid)
+    attachment_shas = [blobs.put(a.payload) for a in parsed.attachments]
+    row = {
+        "identity_key": prepared.identity.key,
+        "message_id": parsed.message_id,
+        "header_digest": prepared.identity.header_digest,
+        "thread_id": thread_id,
+        "direction": decision.direction,
+        "source": decision.source,
+        "subject": parsed.subject,
+        "date_at": parsed.date_at,
+        "raw_sha256": raw_sha256,
+        "size_bytes": len(prepared.raw.raw),
+        "raw_message_id": parsed.raw_message_id,
+        "raw_in_reply_to": parsed.raw_in_reply_to,
+        "raw_references": parsed.raw_references,
+        "text_body": parsed.text_body,
+        "html_body": parsed.html_body,
+    }
+    pk = MessagePk(session.connection().execute(_INSERT_MESSAGE, row).scalar_one())
     _add_children(session, decision, pk, attachment_shas)
-    await _add_location(session, pk, provenance)
-    await _link_conversations(session, decision, pk, thread_id)
+    _add_location(session, pk, provenance)
+    _link_conversations(session, decision, pk, thread_id)
     return pk
 
 
 def _add_children(
-    session: AsyncSession, decision: Decision, pk: MessagePk, attachment_shas: list[str]
+    session: Session, decision: Decision, pk: MessagePk, attachment_shas: list[str]
 ) -> None:
+    """Ids, references, participants and attachments: one executemany per table."""
     parsed = decision.prepared.parsed
     if parsed.message_id is not None:
-        session.add(
-            KnownMessageId(message_pk=pk, message_id=parsed.message_id, kind=MessageIdKind.OWN)
+        insert_rows(
+            session,
+            KnownMessageId,
+            [{"message_pk": pk, "message_id": parsed.message_id, "kind": MessageIdKind.OWN}],
         )
-    session.add_all(
-        MessageReference(message_pk=pk, referenced_message_id=mid, position=i)
-        for i, mid in enumerate(decision.prepared.links.ancestors)
+    insert_rows(
+        session,
+        MessageReference,
+        [
+            {"message_pk": pk, "referenced_message_id": mid, "position": i}
+            for i, mid in enumerate(decision.prepared.links.ancestors)
+        ],
     )
-    session.add_all(participant_rows(pk, parsed.participants.all(), decision.extra_bcc))
-    session.add_all(
-        MessageAttachment(
-            message_pk=pk,
-            position=i,
-            filename=a.filename,
-            content_type=a.content_type,
-            disposition=a.disposition,
-            content_id=a.content_id,
-            size_bytes=a.size_bytes,
-            sha256=sha,
-        )
-        for i, (a, sha) in enumerate(zip(parsed.attachments, attachment_shas, strict=True))
+    insert_rows(
+        session,
+        MessageParticipant,
+        participant_rows(pk, parsed.participants.all(), decision.extra_bcc),
+    )
+    insert_rows(
+        session,
+        MessageAttachment,
+        [
+            {
+                "message_pk": pk,
+                "position": i,
+                "filename": a.filename,
+                "content_type": a.content_type,
+                "disposition": a.disposition,
+                "content_id": a.content_id,
+                "size_bytes": a.size_bytes,
+                "sha256": sha,
+            }
+            for i, (a, sha) in enumerate(zip(parsed.attachments, attachment_shas, strict=True))
+        ],
     )
 
 
 def participant_rows(
     pk: MessagePk, participants: tuple[Participant, ...], extra_bcc: tuple[Address, ...]
-) -> list[MessageParticipant]:
-    """Rows in header order; ``position`` counts within each role (R8)."""
+) -> list[dict[str, Any]]:
+    """Participant rows (``MessageParticipant`` attribute dicts) in header order.
+
+    ``position`` counts within each role (R8); ``extra_bcc`` addresses not
+    already in Bcc are appended as bcc (R14).
+    """
     bcc_keys = {p.address.address_key for p in participants if p.role is ParticipantRole.BCC}
     extra = tuple(
         Participant(role=ParticipantRole.BCC, address=a)
@@ -221,52 +240,55 @@ def participant_rows(
         if a.address_key not in bcc_keys
     )
     counts: dict[ParticipantRole, int] = {}
-    rows: list[MessageParticipant] = []
+    rows: list[dict[str, Any]] = []
     for participant in participants + extra:
         position = counts.get(participant.role, 0)
         counts[participant.role] = position + 1
         rows.append(
-            MessageParticipant(
-                message_pk=pk,
-                role=participant.role,
-                position=position,
-                display_name=participant.address.display_name,
-                addr_spec=participant.address.addr_spec,
-                address_key=participant.address.address_key,
-            )
+            {
+                "message_pk": pk,
+                "role": participant.role,
+                "position": position,
+                "display_name": participant.address.display_name,
+                "addr_spec": participant.address.addr_spec,
+                "address_key": participant.address.address_key,
+            }
         )
     return rows
 
 
-async def _link_conversations(
-    session: AsyncSession, decision: Decision, pk: MessagePk, thread_id: ThreadId
+def _link_conversations(
+    session: Session, decision: Decision, pk: MessagePk, thread_id: ThreadId
 ) -> None:
-    linked: set[int] = set()
+    """Link the message into each target's conversation once (R9), then ensure instances (R4)."""
+    contacts: dict[int, tuple[int, str]] = {}  # contact_id -> (subaccount_id, rule); first wins
     for target in decision.conversations:
         if target.contact_id is not None:
             contact_id = target.contact_id
         elif target.new_contact is not None:
-            contact_id = await _get_or_create_contact(session, target.new_contact)
+            contact_id = _get_or_create_contact(session, target.new_contact)
         else:
             raise ValueError("conversation target names neither a contact nor a new contact")
-        conversation_id = await _get_or_create_conversation(
-            session, target.subaccount_id, contact_id
-        )
-        if conversation_id not in linked:
-            linked.add(conversation_id)
-            session.add(
-                ConversationMessage(
-                    conversation_id=conversation_id, message_pk=pk, rule=target.rule
-                )
-            )
-    await ensure_instances(session, thread_id, {t.subaccount_id for t in decision.conversations})
+        contacts.setdefault(contact_id, (target.subaccount_id, target.rule))
+    conversations = _get_or_create_conversations(
+        session, {c: sub for c, (sub, _) in contacts.items()}
+    )
+    insert_rows(
+        session,
+        ConversationMessage,
+        [
+            {"conversation_id": conversations[contact_id], "message_pk": pk, "rule": rule}
+            for contact_id, (_, rule) in contacts.items()
+        ],
+    )
+    ensure_instances(session, thread_id, {t.subaccount_id for t in decision.conversations})
 
 
-async def _get_or_create_contact(session: AsyncSession, new: NewContact) -> ContactId:
+def _get_or_create_contact(session: Session, new: NewContact) -> ContactId:
     """Reuse the R10 choice among contacts with this key, else create one (R14)."""
     key = new.address.address_key
-    await _advisory_lock(session, f"contact:{new.subaccount_id}:{key}")
-    existing = await session.scalar(
+    _advisory_lock(session, f"contact:{new.subaccount_id}:{key}")
+    existing = session.scalar(
         sa.select(Contact.id)
         .where(Contact.subaccount_id == new.subaccount_id, Contact.address_key == key)
         .order_by(
@@ -278,56 +300,72 @@ async def _get_or_create_contact(session: AsyncSession, new: NewContact) -> Cont
     )
     if existing is not None:
         return ContactId(existing)
-    contact = Contact(
-        subaccount_id=new.subaccount_id,
-        email=new.address.addr_spec,
-        address_key=key,
-        name=new.address.display_name or None,
-        assigned_user_id=new.assigned_user_id,
+    created = (
+        session.connection()
+        .execute(
+            _INSERT_CONTACT,
+            {
+                "subaccount_id": new.subaccount_id,
+                "email": new.address.addr_spec,
+                "address_key": key,
+                "name": new.address.display_name or None,
+                "assigned_user_id": new.assigned_user_id,
+            },
+        )
+        .scalar_one()
     )
-    session.add(contact)
-    await session.flush()
-    return ContactId(contact.id)
+    return ContactId(created)
 
 
-async def _get_or_create_conversation(
-    session: AsyncSession, subaccount_id: int, contact_id: int
-) -> int:
-    found = await session.scalar(
-        sa.select(Conversation.id).where(Conversation.contact_id == contact_id)
-    )
-    if found is not None:
-        return found
-    conversation = Conversation(subaccount_id=subaccount_id, contact_id=contact_id)
-    session.add(conversation)
-    await session.flush()
-    return conversation.id
+def _get_or_create_conversations(session: Session, contacts: dict[int, int]) -> dict[int, int]:
+    """Return contact_id -> conversation id for ``contacts`` (contact_id -> subaccount_id).
+
+    One SELECT for all; an INSERT … RETURNING only for contacts without one
+    (a concurrent creator makes this transaction fail: see module docstring).
+    """
+    if not contacts:
+        return {}
+    found: dict[int, int] = {
+        contact_id: conversation_id
+        for contact_id, conversation_id in session.connection().execute(
+            _CONVERSATIONS, {"contact_ids": sorted(contacts)}
+        )
+    }
+    for contact_id in sorted(set(contacts) - set(found)):
+        found[contact_id] = (
+            session.connection()
+            .execute(
+                _INSERT_CONVERSATION,
+                {"subaccount_id": contacts[contact_id], "contact_id": contact_id},
+            )
+            .scalar_one()
+        )
+    return found
 
 
-async def _add_location(session: AsyncSession, pk: MessagePk, provenance: Provenance) -> None:
-    """Record where an IMAP copy sits (R12: many locations, one message); idempotent."""
+def _add_location(session: Session, pk: MessagePk, provenance: Provenance) -> None:
+    """Record where an IMAP copy sits (R12: many locations, one message); idempotent.
+
+    One ``INSERT … ON CONFLICT DO NOTHING`` on the location's unique key.
+    """
     if not isinstance(provenance, ImapOrigin):
         return
-    where = (
-        MessageLocation.mailbox_id == provenance.mailbox_id,
-        MessageLocation.folder == provenance.folder,
-        MessageLocation.uidvalidity == provenance.uidvalidity,
-        MessageLocation.uid == provenance.uid,
-    )
-    if await session.scalar(sa.select(MessageLocation.id).where(*where)) is not None:
-        return
-    session.add(
-        MessageLocation(
-            message_pk=pk,
-            mailbox_id=provenance.mailbox_id,
-            folder=provenance.folder,
-            uidvalidity=provenance.uidvalidity,
-            uid=provenance.uid,
-        )
+    insert_ignoring_duplicates(
+        session,
+        MessageLocation,
+        [
+            {
+                "message_pk": pk,
+                "mailbox_id": provenance.mailbox_id,
+                "folder": provenance.folder,
+                "uidvalidity": provenance.uidvalidity,
+                "uid": provenance.uid,
+            }
+        ],
     )
 
 
-async def _advisory_lock(session: AsyncSession, name: str) -> None:
+def _advisory_lock(session: Session, name: str) -> None:
     """Serialise get-or-create of ``name`` across PostgreSQL transactions.
 
     SQLite needs nothing: every transaction starts with BEGIN IMMEDIATE.
@@ -336,7 +374,7 @@ async def _advisory_lock(session: AsyncSession, name: str) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    await session.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+    session.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 
 
 def _mailbox_id(provenance: Provenance) -> int | None:

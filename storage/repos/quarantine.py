@@ -7,11 +7,10 @@ caller commits, the message may be acknowledged: nothing is lost.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from ingest.types import ImapOrigin, LogEntry, Outcome, Provenance, RawMessage, Source
 from storage.blobs import BlobStore
@@ -22,8 +21,8 @@ QUARANTINE_RULE = "quarantine"
 """Rule string of the sync-log row a quarantine writes (no BEHAVIOUR.md rule id fits)."""
 
 
-async def quarantine_message(
-    session: AsyncSession,
+def quarantine_message(
+    session: Session,
     raw: RawMessage,
     reason: str,
     traceback_text: str,
@@ -43,7 +42,7 @@ async def quarantine_message(
     Raises:
         OSError: the blob could not be written (nothing was added).
     """
-    sha256 = await asyncio.to_thread(blobs.put, raw.raw)
+    sha256 = blobs.put(raw.raw)
     row = QuarantineEntry(
         raw_sha256=sha256,
         size_bytes=len(raw.raw),
@@ -63,7 +62,7 @@ async def quarantine_message(
         context,
         (LogEntry(rule=QUARANTINE_RULE, reason=reason, outcome=Outcome.QUARANTINED),),
     )
-    await session.flush()
+    session.flush()
     return row.id
 
 

@@ -1,6 +1,6 @@
 """Sync-log repository: append rows and list them (the product's "why" trail, STYLE.md §11).
 
-Edge module: async queries on a caller's ``AsyncSession``; never commits.
+Edge module: sync queries on a caller's ``Session``; never commits.
 The log is append-only: rows are never updated or deleted here.
 """
 
@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from ingest.types import LogEntry, MailboxId, MessageId, MessagePk, Outcome, Source, SubaccountId
 from storage.models import SyncLogEntry
+from storage.repos.inserts import insert_rows
 
 DEFAULT_LIST_LIMIT = 1000
 """Most rows ``list_sync_log`` returns unless told otherwise."""
@@ -59,27 +60,31 @@ class LogContext:
     raw_sha256: str | None = None
 
 
-def add_log_rows(session: AsyncSession, context: LogContext, entries: tuple[LogEntry, ...]) -> None:
-    """Add one sync-log row per entry, in order (written at the caller's flush)."""
-    session.add_all(
-        SyncLogEntry(
-            at=context.at,
-            mailbox_id=context.mailbox_id,
-            subaccount_id=entry.subaccount_id,
-            message_pk=context.message_pk,
-            message_id=context.message_id,
-            source=context.source,
-            rule=entry.rule,
-            reason=entry.reason,
-            outcome=entry.outcome,
-            raw_sha256=context.raw_sha256,
-        )
-        for entry in entries
+def add_log_rows(session: Session, context: LogContext, entries: tuple[LogEntry, ...]) -> None:
+    """Insert one sync-log row per entry, in order (one executemany; nothing when empty)."""
+    insert_rows(
+        session,
+        SyncLogEntry,
+        [
+            {
+                "at": context.at,
+                "mailbox_id": context.mailbox_id,
+                "subaccount_id": entry.subaccount_id,
+                "message_pk": context.message_pk,
+                "message_id": context.message_id,
+                "source": context.source,
+                "rule": entry.rule,
+                "reason": entry.reason,
+                "outcome": entry.outcome,
+                "raw_sha256": context.raw_sha256,
+            }
+            for entry in entries
+        ],
     )
 
 
-async def list_sync_log(
-    session: AsyncSession,
+def list_sync_log(
+    session: Session,
     mailbox_id: int | None = None,
     since: datetime | None = None,
     limit: int = DEFAULT_LIST_LIMIT,
@@ -96,7 +101,7 @@ async def list_sync_log(
         query = query.where(SyncLogEntry.mailbox_id == mailbox_id)
     if since is not None:
         query = query.where(SyncLogEntry.at >= since)
-    rows = list(await session.scalars(query.order_by(SyncLogEntry.id.desc()).limit(limit)))
+    rows = list(session.scalars(query.order_by(SyncLogEntry.id.desc()).limit(limit)))
     rows.reverse()
     return [_row(r) for r in rows]
 

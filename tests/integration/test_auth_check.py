@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import smtplib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -21,8 +23,10 @@ from dnslib import QTYPE, RR, TXT
 from dnslib.server import BaseResolver, DNSServer
 
 from gateway.auth_check import SenderAuthenticator, aligned, organisational_domain
+from gateway.smtp import replies
 from ingest.pipeline import prepare
 from ingest.types import RawMessage, SmtpEnvelope
+from tests.integration.conftest import Gateway, make_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +158,37 @@ def test_organisational_domain_uses_public_suffix_list() -> None:
     assert aligned("a.example.co.uk", "b.example.co.uk")
     assert not aligned("example.co.uk", "other.co.uk")
     assert not aligned("", "example.org")
+
+
+@pytest.fixture
+def strict_gateway(dns_server: str, tmp_path) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
+    """``mailgate serve`` with ``bcc.require_dmarc`` on, resolving through the test DNS."""
+    gw = Gateway(root=tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    gw.write_config()
+    with gw.config.open("a") as config:  # [bcc] is the config's last table
+        config.write(f"require_dmarc = true\ndns_server = {json.dumps(dns_server)}\n")
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_r15_require_dmarc_end_to_end_refuses_unauthenticated_and_accepts_signed(
+    strict_gateway: Gateway,
+    key,  # type: ignore[no-untyped-def]
+) -> None:
+    tenant = make_tenant(strict_gateway, "alice@example.org")
+    with smtplib.SMTP("127.0.0.1", strict_gateway.smtp_port, timeout=30) as client:
+        # No signature, envelope sender of another domain: SPF cannot align.
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("b@bounces.example.net", [tenant.sync_address], message())
+        assert refused.value.smtp_code == replies.SENDER_REFUSED.code
+        raw = signed(message(body="Signed.\r\n"), key, "example.org")
+        assert client.sendmail("b@bounces.example.net", [tenant.sync_address], raw) == {}
+    doc = strict_gateway.cli(
+        "conversation", "show", "bob@example.com", "--subaccount", tenant.subaccount
+    )
+    assert [m["message_id"] for m in doc["messages"]] == ["q1@example.org"]
+    log = strict_gateway.cli("log")
+    assert any(row["rule"] == "R15" and row["outcome"] == "refused" for row in log["entries"])

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from storage.blobs import BlobStore
-from storage.db import make_engine, make_session_factory
+from storage.db import Database
 from storage.migrate import upgrade
 from storage.models import Base
 
@@ -86,31 +86,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    """Engine on ``database_url``; PostgreSQL tables are emptied first."""
-    eng = make_engine(database_url)
-    if eng.dialect.name == "postgresql":
-        async with eng.begin() as conn:  # DELETE: much faster than TRUNCATE on tiny tables
-            for table in reversed(Base.metadata.sorted_tables):
-                await conn.execute(table.delete())
-    yield eng
-    await eng.dispose()
+def _empty_tables(session: Session) -> None:
+    for table in reversed(Base.metadata.sorted_tables):  # DELETE: faster than TRUNCATE here
+        session.execute(table.delete())
 
 
 @pytest.fixture
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Session factory with expire_on_commit=False."""
-    return make_session_factory(engine)
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """``Database`` on ``database_url``; PostgreSQL tables are emptied first.
 
-
-@pytest.fixture
-async def session(
-    session_factory: async_sessionmaker[AsyncSession],
-) -> AsyncIterator[AsyncSession]:
-    """One session inside one transaction, committed at the end of the test body."""
-    async with session_factory() as s, s.begin():
-        yield s
+    Tests run their body as a sync ``check(session)`` through ``db.run``:
+    one transaction, committed at the end (rolled back when it raises).
+    """
+    database = Database(database_url)
+    if database.dialect_name == "postgresql":
+        await database.run(_empty_tables)
+    yield database
+    await database.close()
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import pytest
 from storage.blobs import BlobStore
 
 
-def test_put_is_content_addressed_with_two_level_fanout(tmp_path: Path) -> None:
+def test_put_is_content_addressed_with_one_level_fanout(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "blobs")
     data = b"From: a@example.org\r\n\r\nhi\r\n"
     sha = store.put(data)
     assert sha == hashlib.sha256(data).hexdigest()
-    assert store.path(sha) == tmp_path / "blobs" / sha[:2] / sha[2:4] / sha
+    assert store.path(sha) == tmp_path / "blobs" / sha[:2] / sha
     assert store.get(sha) == data and store.exists(sha)
 
 

@@ -52,7 +52,7 @@ def test_r14_extra_bcc_added_once_with_positions_per_role() -> None:
         Participant(role=ParticipantRole.BCC, address=sync),
     )
     rows = participant_rows(1, participants, (sync, _addr("d@example.com")))  # type: ignore[arg-type]
-    assert [(r.role, r.position, r.addr_spec) for r in rows] == [
+    assert [(r["role"], r["position"], r["addr_spec"]) for r in rows] == [
         (ParticipantRole.FROM, 0, "ann@example.org"),
         (ParticipantRole.TO, 0, "b@example.com"),
         (ParticipantRole.TO, 1, "c@example.com"),
