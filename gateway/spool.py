@@ -1,9 +1,18 @@
 """Durable spool of received messages, written before they are processed.
 
 A message is spooled (raw bytes + SMTP envelope in one file: temp file,
-fsync, rename, fsync of the directory) before the pipeline runs, and the
-entry is removed only after the database commit. At start-up every entry
-left over is processed again; R12 identity makes a second pass harmless.
+then rename) before the pipeline runs, and the entry is removed only after
+the database commit. At start-up every entry left over is processed again;
+R12 identity makes a second pass harmless.
+
+Why no fsync here: the spool guards against the *process* dying between
+DATA and COMMIT (a crash, SIGKILL, OOM): the page cache keeps the file, and
+the next start processes it. Against a machine crash it adds nothing,
+because no 250 has been sent yet, so the client still holds the message
+and retries (RFC 5321 §4.5.4.1). Durability of acknowledged mail comes
+from the blob store (fsynced) and the database COMMIT, both before the 250.
+Dropping the two fsyncs per message here shortened every SMTP round trip;
+the crash test (SIGKILL mid-stream) checks the guarantee.
 
 File format (one file per message, ``<ns-timestamp>-<hex>.msg``)::
 
@@ -18,7 +27,6 @@ be called via ``asyncio.to_thread`` from async code.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -100,18 +108,8 @@ class Spool:
         with tmp.open("wb") as handle:
             handle.write(MAGIC + _encode_envelope(envelope) + b"\n")
             handle.write(raw)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.rename(final)
-        self._fsync_dir()
+        tmp.rename(final)  # atomic: a reader never sees a half-written entry
         return final
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def remove(self, paths: tuple[Path, ...]) -> None:
         """Delete processed entries (missing files are ignored)."""
