@@ -35,7 +35,7 @@ from gateway.intake import Intake
 from gateway.jobs import schedule_token_refresh
 from gateway.mailboxes import MailboxService
 from gateway.observability import Metrics
-from gateway.smtp.listener import BccHandler, start_smtp
+from gateway.smtp.listener import BccHandler, SmtpListener, start_smtp
 from gateway.spool import Spool
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -84,7 +84,7 @@ class _Uvicorn(uvicorn.Server):
 
 @dataclass(slots=True)
 class _Running:
-    smtp: asyncio.Server | None = None
+    smtp: SmtpListener | None = None
 
 
 async def serve(settings: Settings) -> None:
@@ -170,7 +170,7 @@ async def _serve(settings: Settings, db: Database) -> None:
             log.info("smtp listening", extra={"host": host, "port": port})
         await stop.wait()
         log.info("stopping")
-        running.smtp.close()
+        await running.smtp.drain()  # no new mail; DATA in flight finishes; 421 to the rest
         await intake.close()
         await intake_task
         scheduler.shutdown(wait=False)

@@ -62,7 +62,23 @@ def serve(config: str | None) -> None:
     except SchemaOutOfDate as exc:
         fail(False, "schema_out_of_date", str(exc))
     except OSError as exc:
-        fail(False, "os_error", f"cannot start: {exc}")
+        fail(False, "os_error", _start_failure(exc))
+    except BaseExceptionGroup as group:  # raised out of serve's TaskGroup
+        found = group.subgroup(OSError)
+        if found is None:
+            raise
+        first = found.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        fail(False, "os_error", _start_failure(first))
+
+
+def _start_failure(exc: BaseException) -> str:
+    """One line for a listener that cannot start (port taken, no permission)."""
+    return (
+        f"cannot start: {exc} (check smtp.host/smtp.port and http.host/http.port, "
+        "and that data_dir is writable)"
+    )
 
 
 @main.group("config")
@@ -207,23 +223,56 @@ def contact_add(
 @click.option("--subaccount", required=True, help="Id or name.")
 @common_options
 def contact_import(csv_path: str, subaccount: str, config: str | None, json_mode: bool) -> None:
-    """Import contacts from a CSV with columns email,name,assigned_user_email."""
+    """Import contacts from a UTF-8 CSV with columns email,name,assigned_user_email.
+
+    Valid rows are imported; each invalid row is reported with its line
+    number and the command then exits 1, so a script notices.
+    """
     from storage.repos.directory import import_contacts
 
     settings = cli_settings(config, json_mode)
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _read_contacts_csv(csv_path, json_mode)
 
     def action(session: Session) -> Any:
         [sub_id] = _subaccount_ids(session, (subaccount,))
         return import_contacts(session, sub_id, rows)
 
     report = run_db(settings, json_mode, action)
-    emit(
-        json_mode,
-        report,
-        f"created {report.created}, skipped {report.skipped}, errors {len(report.errors)}",
-    )
+    lines = [f"created {report.created}, skipped {report.skipped}, errors {len(report.errors)}"]
+    lines.extend(f"  line {line}: {reason}" for line, reason in report.errors)
+    emit(json_mode, report, "\n".join(lines))
+    if report.errors:
+        sys.exit(EXIT_FAILURE)
+
+
+CSV_COLUMNS = ("email", "name", "assigned_user_email")
+
+
+def _read_contacts_csv(path: str, json_mode: bool) -> list[dict[str, str]]:
+    """Read the import file; a wrong encoding or header is an error naming the fix."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip().lower() for h in reader.fieldnames or ()]
+            if "email" not in header:
+                fail(
+                    json_mode,
+                    "csv_header",
+                    f"{path}: the first line must name the columns {','.join(CSV_COLUMNS)} "
+                    f"(found: {','.join(header) or 'nothing'})",
+                )
+            return [
+                {(k or "").strip().lower(): (v or "") for k, v in row.items()} for row in reader
+            ]
+    except UnicodeDecodeError as exc:
+        fail(
+            json_mode,
+            "csv_encoding",
+            f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as 'CSV UTF-8'",
+        )
+    except csv.Error as exc:
+        fail(json_mode, "csv_invalid", f"{path}: {exc}")
 
 
 @main.command("bcc-address")

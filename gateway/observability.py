@@ -99,6 +99,8 @@ def setup_logging(level: int = logging.INFO, *, json_lines: bool | None = None) 
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # APScheduler logs every run of every job at INFO (twice a minute with no mailboxes).
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 class Metrics:

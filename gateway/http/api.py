@@ -48,10 +48,15 @@ SUBACCOUNT_PARAM = Param(
 )
 
 
+MAX_ROW_ID = 2**63 - 1
+"""Largest row key SQLite's INTEGER and PostgreSQL's BIGINT hold."""
+
+
 def path_int(request: Request, name: str) -> int:
     """Return a numeric path parameter (raises ``ApiError`` 404 when not a number)."""
     value = str(request.path_params[name])
-    if not value.isdigit():
+    # Row keys are 64-bit signed in both databases; a longer number names nothing.
+    if not value.isdigit() or int(value) > MAX_ROW_ID:
         raise ApiError(404, "not_found", f"no {name.removesuffix('_id')} {value!r}")
     return int(value)
 

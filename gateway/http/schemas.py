@@ -85,13 +85,19 @@ async def parse_body(request: Request, model: type[B]) -> B:
     """Validate the JSON request body against ``model``.
 
     Raises:
-        ApiError: 415 when the Content-Type is set and is not JSON.
-        pydantic.ValidationError: malformed JSON or invalid fields (→ 422).
+        ApiError: 415 when the Content-Type is set and is not JSON; 400
+            ``malformed_json`` when the body is not JSON at all.
+        pydantic.ValidationError: well-formed JSON with invalid fields (→ 422).
     """
     content_type = request.headers.get("content-type", JSON_TYPE).split(";")[0].strip().lower()
     if content_type != JSON_TYPE and not content_type.endswith("+json"):
         raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, f"send {JSON_TYPE}, not {content_type}")
-    return model.model_validate_json(await request.body() or b"null")
+    body = await request.body() or b"null"
+    try:
+        json.loads(body)
+    except ValueError as exc:  # INTERFACE.md: 400 for bad input, 422 for validation
+        raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from exc
+    return model.model_validate_json(body)
 
 
 def jsonable(value: Any) -> Any:

@@ -131,6 +131,22 @@ class BccHandler:
             return _incident("message not accepted", smtp_envelope.peer, len(raw))
         return reply_for(result)
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Drop the AUTH line aiosmtpd always advertises (RFC 4954 §3).
+
+        The listener takes mail only for sync addresses and has no accounts,
+        so offering AUTH would only invite clients to send passwords.
+        """
+        session.host_name = hostname
+        return [r for r in responses if not r.startswith("250-AUTH")]
+
     async def handle_exception(self, error: Exception) -> str:
         """Reply 451 4.3.0 with an incident id; never send exception text."""
         log.error("smtp session error", extra={"incident": _new_incident()}, exc_info=error)
@@ -162,10 +178,50 @@ def reply_for(result: IntakeResult) -> str:
     return str(replies.STORED)
 
 
+IDENT = "mailgate ESMTP"
+"""Greeting text after the host name (no software version: nothing to fingerprint)."""
+
+
 class MailgateSMTP(SMTP):
-    """aiosmtpd's SMTP with long lines allowed and catalogue replies only."""
+    """aiosmtpd's SMTP with long lines allowed, catalogue replies only, and a drain.
+
+    Each connection registers itself in ``sessions`` (owned by the
+    listener) so that a shutdown can wait for transactions in DATA and then
+    say 421 to the rest (RFC 5321 §3.8).
+    """
 
     line_length_limit = MAX_LINE_BYTES
+
+    def __init__(self, *args: Any, sessions: set[MailgateSMTP], **kwargs: Any) -> None:
+        """As ``aiosmtpd.smtp.SMTP``; ``sessions`` is the listener's live set."""
+        super().__init__(*args, **kwargs)
+        self._sessions = sessions
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register the session, then let aiosmtpd greet."""
+        self._sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Unregister the session."""
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """Mark the transaction in DATA until its reply is sent (for the drain)."""
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+
+    def say_goodbye(self) -> None:
+        """Send 421 and close (RFC 5321 §3.8: the client retries later)."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.SHUTTING_DOWN}\r\n".encode("ascii"))
+            transport.close()
 
     async def push(self, status: Any) -> None:
         """Send a reply, rewriting aiosmtpd's built-in texts into the catalogue."""
@@ -191,13 +247,18 @@ def make_tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
 
 
 def protocol_factory(
-    handler: BccHandler, settings: SmtpSettings, tls_context: ssl.SSLContext | None
+    handler: BccHandler,
+    settings: SmtpSettings,
+    tls_context: ssl.SSLContext | None,
+    sessions: set[MailgateSMTP],
 ) -> Callable[[], MailgateSMTP]:
     """Return a factory building one ``MailgateSMTP`` per connection."""
 
     def build() -> MailgateSMTP:
         return MailgateSMTP(
             handler,
+            sessions=sessions,
+            ident=IDENT,
             data_size_limit=settings.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -211,16 +272,58 @@ def protocol_factory(
     return build
 
 
+DRAIN_GRACE_SECONDS = 30.0
+"""Longest wait at shutdown for transactions in DATA (then 421, RFC 5321 §3.8)."""
+
+DRAIN_POLL_SECONDS = 0.05
+
+
+class SmtpListener:
+    """The listening socket and its live sessions (one per connection)."""
+
+    def __init__(self, server: asyncio.Server, sessions: set[MailgateSMTP]) -> None:
+        """Wrap a started server; use ``start_smtp`` to build one."""
+        self.server = server
+        self.sessions = sessions
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets."""
+        return tuple(self.server.sockets)
+
+    def is_serving(self) -> bool:
+        """Whether new connections are accepted."""
+        return self.server.is_serving()
+
+    async def drain(self, grace_seconds: float = DRAIN_GRACE_SECONDS) -> None:
+        """Stop accepting, let transactions in DATA finish, then 421 the rest.
+
+        Args:
+            grace_seconds: longest wait for messages being transferred; a
+                client still in DATA after it gets 421 and retries later.
+        """
+        self.server.close()
+        deadline = asyncio.get_running_loop().time() + grace_seconds
+        while any(s.in_data for s in self.sessions):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        for session in tuple(self.sessions):
+            session.say_goodbye()
+
+
 async def start_smtp(
     handler: BccHandler, settings: SmtpSettings, *, port: int | None = None
-) -> asyncio.Server:
+) -> SmtpListener:
     """Listen on ``settings.host``:``settings.port`` (or ``port``) on the running loop.
 
     Raises:
         OSError: the address is in use or cannot be bound.
     """
     loop = asyncio.get_running_loop()
-    factory = protocol_factory(handler, settings, make_tls_context(settings))
-    return await loop.create_server(
+    sessions: set[MailgateSMTP] = set()
+    factory = protocol_factory(handler, settings, make_tls_context(settings), sessions)
+    server = await loop.create_server(
         factory, host=settings.host, port=settings.port if port is None else port
     )
+    return SmtpListener(server, sessions)

@@ -231,9 +231,10 @@ def test_r10_contacts_create_list_conflict_and_validation(gw: Gateway) -> None:
     )
     assert_error(
         api.post(url, data="{", headers={"Content-Type": "application/json"}),
-        422,
-        VALIDATION_FAILED,
+        400,
+        "malformed_json",
     )
+    assert_error(api.get(f"{url}/{2**64}"), 404, "not_found")
     assert_error(
         api.post(url, data="a=b", headers={"Content-Type": "text/plain"}),
         415,

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from gateway.config import make_settings
 from gateway.intake_result import IntakeResult, IntakeStatus
 from gateway.smtp import replies
-from gateway.smtp.listener import BccHandler, looks_like_sync_address, start_smtp
+from gateway.smtp.listener import BccHandler, SmtpListener, looks_like_sync_address, start_smtp
 from ingest.types import Refusal, SmtpEnvelope
 
 DOMAIN = "bcc.test.localhost"
@@ -86,7 +86,7 @@ def _make_cert(tmp: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def _serve(recorder: Recorder, **smtp: object) -> asyncio.Server:
+async def _serve(recorder: Recorder, **smtp: object) -> SmtpListener:
     settings = make_settings(smtp={"port": 0, "max_message_bytes": 64 * 1024, **smtp})
     handler = BccHandler(
         domain=DOMAIN, is_sync_address=recorder.is_sync_address, accept=recorder.accept
@@ -100,8 +100,8 @@ async def served() -> AsyncIterator[tuple[Recorder, int]]:
     server = await _serve(recorder)
     port = server.sockets[0].getsockname()[1]
     yield recorder, port
-    server.close()
-    await server.wait_closed()
+    await server.drain(0)
+    await server.server.wait_closed()
 
 
 def _message(body: bytes, sender: str = USER) -> bytes:
@@ -218,8 +218,58 @@ async def test_require_starttls_refuses_mail_before_tls(tmp_path: Path) -> None:
     try:
         before, refused = await asyncio.to_thread(run)
     finally:
-        server.close()
-        await server.wait_closed()
+        await server.drain(0)
+        await server.server.wait_closed()
     assert before == _code(replies.STARTTLS_REQUIRED)
     assert refused == {}
     assert len(recorder.received) == 1
+
+
+async def test_ehlo_offers_no_auth_and_greeting_names_no_version(
+    served: tuple[Recorder, int],
+) -> None:
+    _, port = served
+
+    def run() -> tuple[bytes, str]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            code, _ = client.ehlo("client.example.org")
+            assert code == 250
+            return client.ehlo_resp or b"", str(client.esmtp_features)
+
+    ehlo, features = await asyncio.to_thread(run)
+    assert b"AUTH" not in ehlo.upper()
+    assert "auth" not in features
+
+
+async def test_shutdown_drain_finishes_data_in_flight_and_421s_idle_sessions() -> None:
+    """SIGTERM path: no new mail, the message being sent gets its 250, idle ones get 421."""
+    recorder = Recorder()
+    gate = asyncio.Event()
+    inner = recorder.accept
+
+    async def slow_accept(raw: bytes, envelope: SmtpEnvelope) -> IntakeResult:
+        gate.set()
+        await asyncio.sleep(0.3)  # the intake is committing while the drain starts
+        return await inner(raw, envelope)
+
+    recorder.accept = slow_accept  # type: ignore[method-assign]
+    server = await _serve(recorder)
+    port = server.sockets[0].getsockname()[1]
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    await idle_reader.readline()  # 220 greeting
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            return client.sendmail(USER, [GOOD], _message(b"in flight\r\n"))
+
+    sending = asyncio.create_task(asyncio.to_thread(send))
+    await asyncio.wait_for(gate.wait(), 10)
+    await server.drain(grace_seconds=10)
+    assert await sending == {}
+    assert len(recorder.received) == 1
+    goodbye = await asyncio.wait_for(idle_reader.readline(), 5)
+    assert goodbye.startswith(str(replies.SHUTTING_DOWN.code).encode())
+    idle_writer.close()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    await server.server.wait_closed()
