@@ -102,6 +102,8 @@ def run_db(settings: Settings, json_mode: bool, action: Callable[[Session], T]) 
         if isinstance(exc, SchemaOutOfDate):
             fail(json_mode, "schema_out_of_date", str(exc))
         log.debug("command failed", exc_info=True)
+        if isinstance(exc, ValueError):  # bad input the repositories rejected
+            fail(json_mode, "invalid", str(exc))
         fail(json_mode, "failed", f"{type(exc).__name__}: {exc}")
 
 

@@ -389,7 +389,7 @@ def load_settings(path: Path) -> Settings:
         issue = ConfigIssue(key="", message=f"cannot read {path}: {exc.strerror}")
         raise ConfigError((issue,)) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError((ConfigIssue(key="", message=f"{path}: {exc}"),)) from None
+        raise ConfigError((ConfigIssue(key="", message=f"not valid TOML: {exc}"),)) from None
     return parse_settings(data)
 
 
