@@ -32,11 +32,13 @@ from gateway.http.app import build_http_app
 from gateway.http.auth import ApiKeys
 from gateway.http.context import HttpContext
 from gateway.intake import Intake
-from gateway.jobs import schedule_token_refresh
+from gateway.jobs import schedule_outbound, schedule_token_refresh
 from gateway.mailboxes import MailboxService
 from gateway.observability import Metrics
+from gateway.outbound import OutboundService
 from gateway.smtp.listener import BccHandler, SmtpListener, start_smtp
 from gateway.spool import Spool
+from gateway.webhooks import WebhookSender
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.migrate import schema_status, upgrade
@@ -113,9 +115,10 @@ async def _serve(settings: Settings, db: Database) -> None:
     spool = Spool(data_dir / "spool")
     await asyncio.to_thread(spool.open)
     metrics = Metrics()
+    blobs = BlobStore(data_dir / "blobs")
     intake = Intake(
         db=db,
-        blobs=BlobStore(data_dir / "blobs"),
+        blobs=blobs,
         spool=spool,
         bcc=settings.bcc,
         metrics=metrics,
@@ -144,8 +147,10 @@ async def _serve(settings: Settings, db: Database) -> None:
         db=db, settings=settings, service=service, keys=ApiKeys(settings.http.api_keys)
     )
     http_app = build_http_app(metrics=metrics, ready_check=ready_check, context=context)
+    outbound = OutboundService(db, settings, service, blobs)
     scheduler = AsyncIOScheduler()
     schedule_token_refresh(scheduler, service)
+    schedule_outbound(scheduler, outbound, WebhookSender(db, settings))
     http = _Uvicorn(
         uvicorn.Config(
             http_app,
@@ -162,6 +167,7 @@ async def _serve(settings: Settings, db: Database) -> None:
     async with asyncio.TaskGroup() as group:
         intake_task = group.create_task(intake.run(), name="intake")
         await intake.recover()
+        await outbound.reconcile()  # sends a crash left in `sending` (docs/sending.md)
         running.smtp = await start_smtp(handler, settings.smtp)
         scheduler.start()
         http_task = group.create_task(http.serve(), name="http")

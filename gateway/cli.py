@@ -32,6 +32,7 @@ from gateway.cli_common import (
     to_jsonable,
 )
 from gateway.cli_mailbox import mailbox_group
+from gateway.cli_send import send_command
 from gateway.cli_settings import settings_link_command
 from gateway.config import (
     ConfigError,
@@ -356,3 +357,4 @@ def sync_log(
 
 main.add_command(mailbox_group)
 main.add_command(settings_link_command)
+main.add_command(send_command)  # issue 5: `mailgate send` (gateway/cli_send.py)

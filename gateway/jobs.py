@@ -1,4 +1,4 @@
-"""Scheduled jobs: refresh OAuth access tokens ahead of expiry (R22) on APScheduler.
+"""Scheduled jobs on APScheduler: token refresh (R22), outbound retries, webhook deliveries.
 
 Edge module: the job function takes the service and an injected clock, so
 tests run it without a scheduler; ``schedule_token_refresh`` adds it to an
@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from gateway.mailboxes import REAUTH_REQUIRED, MailboxError, MailboxService
+from gateway.outbound import OutboundService
+from gateway.webhooks import WebhookSender
 from ingest.types import MailboxId
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,14 @@ log = logging.getLogger(__name__)
 TOKEN_REFRESH_JOB_ID = "oauth-token-refresh"  # noqa: S105 (a job name)
 TOKEN_REFRESH_INTERVAL_SECONDS = 60
 """How often the job looks for tokens about to expire (well under ``refresh_ahead_seconds``)."""
+
+OUTBOUND_JOB_ID = "outbound-queue"
+OUTBOUND_INTERVAL_SECONDS = 10
+"""How often queued and retry-due CRM sends are picked up (docs/sending.md)."""
+
+WEBHOOK_JOB_ID = "webhook-deliveries"
+WEBHOOK_INTERVAL_SECONDS = 15
+"""How often due webhook deliveries are sent."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,3 +93,22 @@ def schedule_token_refresh(
         max_instances=1,
         coalesce=True,
     )
+
+
+def schedule_outbound(
+    scheduler: AsyncIOScheduler, outbound: OutboundService, webhooks: WebhookSender
+) -> None:
+    """Add the outbound-queue and webhook jobs (one instance each, late runs coalesced)."""
+    for job_id, func, seconds in (
+        (OUTBOUND_JOB_ID, outbound.process_due, OUTBOUND_INTERVAL_SECONDS),
+        (WEBHOOK_JOB_ID, webhooks.deliver_due, WEBHOOK_INTERVAL_SECONDS),
+    ):
+        scheduler.add_job(
+            func,
+            "interval",
+            seconds=seconds,
+            id=job_id,
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+        )

@@ -124,8 +124,10 @@ def _decode_headers(
     defects: list[Defect] = []
     for name, value in msg.raw_items():
         value = str(value)
-        if value.isascii() and "\n" not in value and "=?" not in value:
-            text = decoded = value.strip()  # the common case, 9 headers in 10
+        if value.isascii() and "=?" not in value:
+            # The common case, 9 headers in 10 (folded Received lines too):
+            # nothing to decode, only unfolding (RFC 5322 §2.2.3).
+            text = decoded = unfold(value)
         else:
             text, found = fix_8bit_header(value)
             text = unfold(text)

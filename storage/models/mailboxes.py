@@ -102,6 +102,7 @@ class OutboundMessage(Base):
     __tablename__ = "outbound_messages"
     __table_args__ = (
         sa.Index("ix_outbound_messages_state_next_attempt_at", "state", "next_attempt_at"),
+        sa.Index("ix_outbound_messages_mailbox_id_sent_at", "mailbox_id", "sent_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -123,6 +124,21 @@ class OutboundMessage(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(sa.Text)
+    # Migration 0004 (issue 5, docs/sending.md): the contact written to; how it
+    # left (``mailbox`` or ``relay``); the R17/R16 error code; the server's last
+    # reply; when the quota resets; when it was accepted (R17 rolling 24 h);
+    # the message row stored in the conversation (R1).
+    contact_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("contacts.id", ondelete="SET NULL")
+    )
+    route: Mapped[str | None] = mapped_column(sa.String(32))
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    last_reply: Mapped[str | None] = mapped_column(sa.Text)
+    resets_at: Mapped[datetime | None] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column()
+    message_pk: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("messages.id", ondelete="SET NULL")
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
