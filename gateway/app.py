@@ -3,13 +3,16 @@
 Start order::
 
     database (schema check / embedded upgrade) → spool → intake batcher
-      → recover leftover spool entries → SMTP listener → scheduler (token
-      refresh, R22) → HTTP server (API, OAuth callback, settings page) → ready
+      → recover leftover spool entries → reconcile sends left in `sending`
+      → SMTP listener → IMAP watchers of every connected mailbox
+      → scheduler (token refresh R22, outbound retries, webhooks)
+      → HTTP server (API, OAuth callback, settings page) → ready
 
 Stop order on SIGTERM/SIGINT (STYLE.md §8): stop accepting SMTP
-connections → finish in-flight ``accept()`` calls (the batcher commits
-what is queued) → stop the scheduler → stop HTTP → close the database. Every task lives in
-one ``TaskGroup`` and is named.
+connections and let transactions in DATA finish (421 to the rest) → IMAP
+IDLE DONE + LOGOUT → finish in-flight ``accept()`` calls (the batcher
+commits what is queued) → stop the scheduler → stop HTTP → close the
+database. Every task lives in one ``TaskGroup`` and is named.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from gateway.config import Settings
 from gateway.http.app import build_http_app
 from gateway.http.auth import ApiKeys
 from gateway.http.context import HttpContext
+from gateway.imap.supervisor import ImapSupervisor, contact_initiated_of
 from gateway.intake import Intake
 from gateway.jobs import schedule_outbound, schedule_token_refresh
 from gateway.mailboxes import MailboxService
@@ -125,6 +129,8 @@ async def _serve(settings: Settings, db: Database) -> None:
         auth_check=SenderAuthenticator(settings.bcc.dns_server)
         if settings.bcc.require_dmarc
         else None,
+        contact_initiated=contact_initiated_of(settings),
+        backfill_days=settings.sync.backfill_days,
     )
     running = _Running()
     stop = asyncio.Event()
@@ -143,11 +149,16 @@ async def _serve(settings: Settings, db: Database) -> None:
         return True, ""
 
     service = MailboxService(db, settings)
+    outbound = OutboundService(db, settings, service, blobs)
+    imap = ImapSupervisor(settings, db, service, intake)
     context = HttpContext(
-        db=db, settings=settings, service=service, keys=ApiKeys(settings.http.api_keys)
+        db=db,
+        settings=settings,
+        service=service,
+        keys=ApiKeys(settings.http.api_keys),
+        outbound=outbound,
     )
     http_app = build_http_app(metrics=metrics, ready_check=ready_check, context=context)
-    outbound = OutboundService(db, settings, service, blobs)
     scheduler = AsyncIOScheduler()
     schedule_token_refresh(scheduler, service)
     schedule_outbound(scheduler, outbound, WebhookSender(db, settings))
@@ -169,6 +180,7 @@ async def _serve(settings: Settings, db: Database) -> None:
         await intake.recover()
         await outbound.reconcile()  # sends a crash left in `sending` (docs/sending.md)
         running.smtp = await start_smtp(handler, settings.smtp)
+        await imap.start()  # one watcher per (account, folder) of every connected mailbox
         scheduler.start()
         http_task = group.create_task(http.serve(), name="http")
         for sock in running.smtp.sockets:
@@ -177,6 +189,7 @@ async def _serve(settings: Settings, db: Database) -> None:
         await stop.wait()
         log.info("stopping")
         await running.smtp.drain()  # no new mail; DATA in flight finishes; 421 to the rest
+        await imap.stop()  # IDLE DONE + LOGOUT; fetches in flight reach the intake first
         await intake.close()
         await intake_task
         scheduler.shutdown(wait=False)

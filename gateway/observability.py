@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from importlib import metadata
@@ -81,6 +82,40 @@ class KeyValueFormatter(logging.Formatter):
         return line.rstrip()
 
 
+PROTOCOL_LOGGERS = ("aioimaplib", "imapclient", "imapclient.imaplib", "mail.log")
+"""Third-party loggers that print protocol lines (they may carry credentials)."""
+
+_SECRET_LINE = re.compile(
+    r"(?i)\b(AUTHENTICATE\s+\S+|AUTH\s+\S+|LOGIN)\b.*"
+    r"|\b[A-Za-z0-9+/]{40,}={0,2}"  # a long base64 run: SASL responses, tokens
+)
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials in protocol log lines (STYLE.md §8).
+
+    aioimaplib logs ``AUTHENTICATE XOAUTH2 <base64>`` at DEBUG with the
+    token inside the base64 (its own scrubbing masks only the raw token),
+    and imaplib-style loggers print ``LOGIN user password``. Everything
+    after the verb, and any long base64 run, becomes ``[redacted]``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a protocol logger's message in place; never drops a record."""
+        if not record.name.startswith(PROTOCOL_LOGGERS):
+            return True
+        message = record.getMessage()
+        redacted = _SECRET_LINE.sub(_mask, message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def _mask(match: re.Match[str]) -> str:
+    verb = match.group(1)
+    return f"{verb} [redacted]" if verb else "[redacted]"
+
+
 def setup_logging(level: int = logging.INFO, *, json_lines: bool | None = None) -> None:
     """Configure the root logger to write to stderr with the house formatter.
 
@@ -101,6 +136,13 @@ def setup_logging(level: int = logging.INFO, *, json_lines: bool | None = None) 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # APScheduler logs every run of every job at INFO (twice a minute with no mailboxes).
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # On the handler, not the loggers: a logger's filters do not see records
+    # of its children (aioimaplib logs as "aioimaplib.aioimaplib").
+    handler.addFilter(RedactingFilter())
+    for name in PROTOCOL_LOGGERS:
+        protocol_log = logging.getLogger(name)
+        if protocol_log.level in (logging.NOTSET, logging.DEBUG):
+            protocol_log.setLevel(logging.INFO)
 
 
 class Metrics:

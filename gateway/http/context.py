@@ -17,6 +17,7 @@ from starlette.responses import Response
 from gateway.config import Settings
 from gateway.http.auth import ApiKeys, Principal
 from gateway.mailboxes import MailboxService
+from gateway.outbound import OutboundService
 from storage.db import Database
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -31,12 +32,14 @@ class HttpContext:
         settings: the whole config (``http``, ``bcc.domain``, …).
         service: owns every mailbox state change (R19–R22).
         keys: the configured API keys.
+        outbound: the CRM send queue; None leaves ``/api/v1/messages`` unmounted.
     """
 
     db: Database
     settings: Settings
     service: MailboxService
     keys: ApiKeys
+    outbound: OutboundService | None = None
 
     def principal(self, request: Request) -> Principal:
         """Authenticate the request's API key (raises ``ApiError`` 401)."""

@@ -260,7 +260,13 @@ def save_connected(
     row.credentials_ciphertext = new.credentials_ciphertext
     row.token_expires_at = new.token_expires_at
     row.server_settings = dict(new.server_settings) if new.server_settings is not None else None
-    row.connected_at, row.disconnected_at = now, None
+    # R22: a reconnect after reauth_required resumes where sync stopped, so
+    # mail that arrived meanwhile must still pass R6; keep the first
+    # connection time. Only a new row or one coming back from a disconnect
+    # (R21: what arrived meanwhile is not synced) starts from now.
+    if previous != MailboxState.REAUTH_REQUIRED or row.connected_at is None:
+        row.connected_at = now
+    row.disconnected_at = None
     row.last_error, row.replaced_by_mailbox_id = None, None
     session.flush()
     change = _change(row, previous, "R19", "mailbox connected", now)

@@ -1,0 +1,270 @@
+"""IMAP watchers against a local Dovecot: sessions kept in IDLE, RSS, APPEND→commit latency.
+
+Issue 4 item 8 (a) and (b). Starts its own testbed Dovecot (tests/testbed),
+creates MAILBOXES users with the Gmail layout, inserts one connected
+mailbox row per user (tokens minted by the testbed, encrypted as the
+MailboxService stores them), starts the real ``ImapSupervisor`` + ``Intake``
+on SQLite in a temp dir and waits until every watcher (INBOX and Sent, so
+2 IMAP sessions per mailbox) is in IDLE. Then:
+
+(a) prints sessions in IDLE, the process RSS before/after (VmRSS from
+    /proc) and the RSS added per session;
+(b) APPENDs MESSAGES messages to random mailboxes' INBOX, one at a time,
+    and prints APPEND-start → committed (the intake's commit returned)
+    median and p99, beside a bare aioimaplib IDLE client's APPEND-start →
+    EXISTS on another user in the same run (Dovecot itself waits ~0.5 s
+    before notifying).
+
+Usage: .venv/bin/python bench/bench_imap.py [--mailboxes 100] [--messages 40]
+Not a test: it prints figures and never asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+from aioimaplib import aioimaplib  # type: ignore[import-untyped]
+from cryptography.fernet import Fernet
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gateway.config import make_settings  # noqa: E402
+from gateway.imap.supervisor import ImapSupervisor, contact_initiated_of  # noqa: E402
+from gateway.imap.watcher import WatcherState  # noqa: E402
+from gateway.intake import Intake  # noqa: E402
+from gateway.mailboxes import MailboxService  # noqa: E402
+from gateway.observability import Metrics  # noqa: E402
+from gateway.spool import Spool  # noqa: E402
+from ingest.types import Provider  # noqa: E402
+from storage.blobs import BlobStore  # noqa: E402
+from storage.db import Database  # noqa: E402
+from storage.migrate import upgrade  # noqa: E402
+from storage.repos.directory import add_subaccount, add_user  # noqa: E402
+from storage.repos.mailboxes import NewCredentials, save_connected  # noqa: E402
+from tests.testbed.dovecot import Dovecot  # noqa: E402
+from tests.testbed.tokens import TokenKeys  # noqa: E402
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def raw_message(to: str) -> tuple[str, bytes]:
+    msg = EmailMessage()
+    mid = make_msgid(domain="bench.test")
+    msg["From"] = "contact@customer.test"
+    msg["To"] = to
+    msg["Subject"] = "bench"
+    msg["Message-ID"] = mid
+    msg.set_content("hello\n" * 50)
+    return mid, msg.as_bytes()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def add_mailboxes(
+    db: Database, service: MailboxService, keys: TokenKeys, addresses: list[str]
+) -> None:
+    sub = await db.run(add_subaccount, "bench")
+    now = datetime.now(UTC)
+    expires = now + timedelta(hours=2)
+    for i, address in enumerate(addresses):
+        user_id = await db.run(add_user, f"user{i}@crm.test", f"User {i}", [sub])
+        secret = {
+            "kind": "oauth",
+            "access_token": keys.mint(address, ttl_seconds=7200),
+            "refresh_token": "unused",
+            "expires_at": expires.isoformat(),
+        }
+        new = NewCredentials(
+            user_id=user_id,
+            subaccount_id=sub,
+            provider=Provider.GMAIL,
+            address=address,
+            credentials_ciphertext=service.cipher.encrypt_json(secret),
+            token_expires_at=expires,
+        )
+        await db.run(save_connected, new, now=now, webhook_urls=())
+
+
+async def wait_idle(supervisor: ImapSupervisor, sessions: int, limit_seconds: float) -> int:
+    deadline = time.monotonic() + limit_seconds
+    idle = 0
+    while time.monotonic() < deadline:
+        idle = sum(1 for s in supervisor.status() if s.state is WatcherState.IDLE)
+        if idle >= sessions:
+            break
+        await asyncio.sleep(0.2)
+    return idle
+
+
+async def bare_idle_latencies(
+    dovecot: Dovecot, keys: TokenKeys, address: str, n: int
+) -> list[float]:
+    """APPEND-start → EXISTS seen by a bare aioimaplib IDLE client."""
+    assert dovecot.ports is not None
+    client = aioimaplib.IMAP4_SSL(
+        "127.0.0.1",
+        dovecot.ports.imaps,
+        ssl_context=ssl.create_default_context(cafile=str(dovecot.ca_file)),
+    )
+    await client.wait_hello_from_server()
+    await client.xoauth2(address, keys.mint(address))
+    await client.select("INBOX")
+    out: list[float] = []
+    for _ in range(n):
+        idle = await client.idle_start(timeout=60)
+        _mid, raw = raw_message(address)
+        start = time.perf_counter()
+        await asyncio.to_thread(dovecot.append, address, "INBOX", raw)
+        while True:
+            push = await client.wait_server_push(timeout=60)
+            if any(b"EXISTS" in line for line in push):
+                break
+        out.append(time.perf_counter() - start)
+        client.idle_done()
+        await asyncio.wait_for(idle, 10)
+    await client.logout()
+    return out
+
+
+def make_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="mailgate-bench-imap-"))
+    root.chmod(0o755)  # Dovecot (user dovecot) reads the key files below it
+    (root / "keys").mkdir()
+    (root / "dovecot").mkdir()
+    return root
+
+
+async def main(mailboxes: int, messages: int) -> None:
+    root = make_root()
+    keys = TokenKeys(root / "keys")
+    dovecot = Dovecot(keys, root=root / "dovecot")
+    dovecot.start()
+    try:
+        await run(root, keys, dovecot, mailboxes, messages)
+    finally:
+        dovecot.cleanup()
+
+
+async def run(root: Path, keys: TokenKeys, dovecot: Dovecot, mailboxes: int, messages: int) -> None:
+    assert dovecot.ports is not None
+    addresses = [f"bench{i}@example.test" for i in range(mailboxes)]
+    for address in [*addresses, "bare@example.test"]:
+        dovecot.add_user(address)
+    for address in addresses:
+        dovecot.create_layout(address, "gmail")
+    url = f"sqlite:///{root / 'mailgate.db'}"
+    await asyncio.to_thread(upgrade, url)
+    db = Database(url)
+    gmail: dict[str, Any] = {
+        "imap_host": "127.0.0.1",
+        "imap_port": dovecot.ports.imaps,
+        "imap_security": "tls",
+        "ca_file": str(dovecot.ca_file),
+    }
+    settings = make_settings(
+        security={"token_key": Fernet.generate_key().decode()}, providers={"gmail": gmail}
+    )
+    service = MailboxService(db, settings)
+    await add_mailboxes(db, service, keys, addresses)
+    spool = Spool(root / "spool")
+    await asyncio.to_thread(spool.open)
+    intake = Intake(
+        db=db,
+        blobs=BlobStore(root / "blobs"),
+        spool=spool,
+        bcc=settings.bcc,
+        metrics=Metrics(),
+        contact_initiated=contact_initiated_of(settings),
+    )
+    committed: dict[tuple[int, int], float] = {}
+    original = intake.accept_fetched_many
+
+    async def timed(batch: Any, *, previous_uid: int | None = None) -> Any:
+        result = await original(batch, previous_uid=previous_uid)
+        done = time.perf_counter()
+        for _raw, origin in batch:
+            if origin.folder == "INBOX":
+                committed[origin.mailbox_id, origin.uid] = done
+        return result
+
+    intake.accept_fetched_many = timed  # type: ignore[method-assign]
+    intake_task = asyncio.create_task(intake.run())
+    supervisor = ImapSupervisor(settings, db, service, intake)
+    sessions = 2 * mailboxes
+    before = rss_kib()
+    started = time.perf_counter()
+    await supervisor.start()
+    idle = await wait_idle(supervisor, sessions, limit_seconds=60 + mailboxes * 0.2)
+    ramp = time.perf_counter() - started
+    after = rss_kib()
+    print(f"(a) sessions in IDLE: {idle}/{sessions} after {ramp:.1f} s")
+    per_session = (after - before) / max(idle, 1)
+    print(f"    RSS {before} KiB -> {after} KiB: {per_session:.1f} KiB per session")
+    ours = await append_latencies(dovecot, addresses, messages, committed)
+    bare = await bare_idle_latencies(dovecot, keys, "bare@example.test", messages)
+    show("(b) APPEND -> committed (mailgate)", ours)
+    show("    APPEND -> EXISTS (bare aioimaplib IDLE)", bare)
+    added = 1000 * (statistics.median(ours) - statistics.median(bare))
+    print(f"    added latency (median difference): {added:.1f} ms")
+    await supervisor.stop()
+    await intake.close()
+    await intake_task
+    await db.close()
+
+
+async def append_latencies(
+    dovecot: Dovecot, addresses: list[str], n: int, committed: dict[tuple[int, int], float]
+) -> list[float]:
+    rng = random.Random(7)
+    out: list[float] = []
+    for _ in range(n):
+        index = rng.randrange(len(addresses))
+        _mid, raw = raw_message(addresses[index])
+        start = time.perf_counter()
+        uid = await asyncio.to_thread(dovecot.append, addresses[index], "INBOX", raw)
+        key = (index + 1, uid)  # mailbox rows were inserted in address order: id = index + 1
+        deadline = time.monotonic() + 15
+        while key not in committed and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.002)  # the commit time itself is recorded exactly
+        if key in committed:
+            out.append(committed[key] - start)
+    return out
+
+
+def show(label: str, values: list[float]) -> None:
+    if not values:
+        print(f"{label}: no samples")
+        return
+    print(
+        f"{label}: n={len(values)} median {1000 * statistics.median(values):.1f} ms,"
+        f" p99 {1000 * pct(values, 0.99):.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mailboxes", type=int, default=100)
+    parser.add_argument("--messages", type=int, default=40)
+    args = parser.parse_args()
+    asyncio.run(main(args.mailboxes, args.messages))
