@@ -3,7 +3,8 @@
 ``GET /healthz`` answers while the process runs; ``GET /readyz`` checks the
 database and the listeners; ``GET /metrics`` is the Prometheus text format;
 ``/openapi.json`` documents the API. With an ``HttpContext`` the API
-(``api.py``, ``api_mailbox.py``) and the pages (``pages.py``) are mounted.
+(``api.py``, ``api_mailbox.py``, and ``api_messages.py`` when it holds an
+``OutboundService``) and the pages (``pages.py``) are mounted.
 Errors use the INTERFACE.md body (``errors.py``). No business logic here:
 routes call the services passed in by ``gateway/app.py``.
 """
@@ -23,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.http.api import directory_endpoints
 from gateway.http.api_mailbox import mailbox_endpoints
+from gateway.http.api_messages import message_endpoints
 from gateway.http.context import Endpoint, HttpContext, Param
 from gateway.http.errors import EXCEPTION_HANDLERS, error_response
 from gateway.http.openapi import openapi_document
@@ -110,7 +112,11 @@ def build_http_app(
     routes: list[BaseRoute] = []
     middleware: list[Middleware] = []
     if context is not None:
-        endpoints += [*directory_endpoints(context), *mailbox_endpoints(context)]
+        endpoints += [
+            *directory_endpoints(context),
+            *mailbox_endpoints(context),
+            *message_endpoints(context),
+        ]
         secret = context.settings.http.session_secret
         enabled = secret is not None and bool(secret.get_secret_value())
         pages = page_routes(context, enabled=enabled)

@@ -19,7 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import mailboxes as mb
+from gateway import outbound as ob
 from gateway.secrets import MissingTokenKey
+from ingest.limits import LimitCode
 from storage.errors import Conflict, NotFound, StorageError
 from storage.repos.oauth_states import StateRejected
 
@@ -34,6 +36,7 @@ BAD_REQUEST = "bad_request"
 TOKEN_KEY_MISSING = "token_key_missing"  # noqa: S105 (an error code)
 SETTINGS_DISABLED = "settings_disabled"
 CSRF_FAILED = "csrf_failed"
+TOO_LARGE = "too_large"
 INTERNAL = "internal_error"
 
 MAILBOX_STATUS: Mapping[str, int] = {
@@ -48,6 +51,18 @@ MAILBOX_STATUS: Mapping[str, int] = {
     mb.WRONG_KIND: 409,
 }
 """Status of each ``MailboxError`` code; unknown codes answer 400."""
+
+SEND_STATUS: Mapping[str, int] = {
+    LimitCode.QUOTA_EXCEEDED: 429,  # with Retry-After (api_messages.refusal_response)
+    LimitCode.TOO_MANY_RECIPIENTS: 400,
+    LimitCode.MESSAGE_TOO_LARGE: 413,
+    LimitCode.ATTACHMENT_TOO_LARGE: 413,
+    LimitCode.ATTACHMENT_TYPE_NOT_ALLOWED: 415,
+    ob.MAILBOX_NOT_CONNECTED: 503,
+    ob.RELAY_NOT_CONFIGURED: 503,
+    ob.CONTACT_NOT_FOUND: 422,
+}
+"""Status of a send refused before any attempt (R17, R21; ``SendRejected`` codes too)."""
 
 HTTP_CODES: Mapping[int, str] = {
     400: BAD_REQUEST,
@@ -97,6 +112,7 @@ def describe(exc: Exception) -> ApiError:
 
     ``StateRejected`` → 400 with its code; ``NotFound`` → 404; ``Conflict``
     → 409; other storage errors → 400; ``MailboxError`` → ``MAILBOX_STATUS``;
+    ``SendRejected`` → ``SEND_STATUS`` (422 by default);
     pydantic ``ValidationError`` → 422 with ``details.errors``;
     ``MissingTokenKey`` → 503. Anything else → 500 ``internal_error``
     (the text is not shown). Other ``ValueError`` (a repository refusing a
@@ -114,6 +130,8 @@ def describe(exc: Exception) -> ApiError:
         return ApiError(400, exc.code, str(exc))
     if isinstance(exc, mb.MailboxError):
         return ApiError(MAILBOX_STATUS.get(exc.code, 400), exc.code, str(exc))
+    if isinstance(exc, ob.SendRejected):
+        return ApiError(SEND_STATUS.get(exc.code, 422), exc.code, str(exc))
     if isinstance(exc, ValidationError):
         errors = [
             {"loc": [str(p) for p in e["loc"]], "message": e["msg"], "type": e["type"]}
@@ -148,6 +166,7 @@ EXCEPTION_HANDLERS: Mapping[Any, Callable[[Request, Exception], Any]] = {
     ApiError: handle_exception,
     StorageError: handle_exception,
     mb.MailboxError: handle_exception,
+    ob.SendRejected: handle_exception,
     ValidationError: handle_exception,
     ValueError: handle_exception,
     MissingTokenKey: handle_exception,

@@ -32,6 +32,7 @@ ERROR_SCHEMA: dict[str, Any] = {
 STATUS_TEXT = {
     200: "OK",
     201: "Created",
+    202: "Accepted",
     303: "See Other",
     400: "Bad request",
     401: "Missing or unknown API key",
@@ -41,6 +42,7 @@ STATUS_TEXT = {
     413: "Too large",
     415: "Unsupported media type",
     422: "Validation failed",
+    429: "Quota exhausted; Retry-After says when it resets",
     502: "The provider answered an error",
     503: "Mailbox not connected, or provider unavailable",
 }
@@ -85,9 +87,10 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     return op
 
 
-def _components() -> dict[str, Any]:
+def _components(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
-    for model in BODY_MODELS:
+    bodies = dict.fromkeys((*BODY_MODELS, *(e.body for e in endpoints if e.body is not None)))
+    for model in bodies:
         schema = json_schema(model)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -103,6 +106,7 @@ def openapi_document(endpoints: Iterable[Endpoint], *, version: str) -> dict[str
     Every authenticated operation requires the ``apiKey`` bearer scheme;
     every error response refers to the ``Error`` schema.
     """
+    endpoints = tuple(endpoints)
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint)
@@ -110,6 +114,6 @@ def openapi_document(endpoints: Iterable[Endpoint], *, version: str) -> dict[str
         "openapi": OPENAPI_VERSION,
         "info": {"title": "mailgate", "version": version},
         "paths": paths,
-        "components": _components(),
+        "components": _components(endpoints),
         "security": [{"apiKey": []}],
     }
