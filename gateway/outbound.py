@@ -32,7 +32,7 @@ from gateway.config import Settings
 from gateway.errors import AuthError, PermanentError, TransientError
 from gateway.mailboxes import MailboxError, MailboxService
 from gateway.sent_folder import append_sent_copy, sent_copy_exists
-from gateway.smtp.sender import SubmitResult, submit
+from gateway.smtp.sender import ClientContexts, SubmitResult, submit
 from ingest.compose import Draft, OutgoingAttachment, ParentRef, compose
 from ingest.limits import AttachmentSize, LimitRefusal, SendRequestSize, check_limits
 from ingest.types import MessageId
@@ -115,6 +115,7 @@ class OutboundService:
         self._mailboxes = mailboxes
         self._blobs = blobs
         self._clock = clock
+        self._tls = ClientContexts()
         self._wait = wait_exponential_jitter(
             multiplier=RETRY_INITIAL_SECONDS,
             jitter=RETRY_INITIAL_SECONDS,
@@ -254,6 +255,7 @@ class OutboundService:
                 envelope_recipients=record.recipients,
                 content=content,
                 message_id=record.message_id,
+                contexts=self._tls,
             )
             if target.append_access is not None:
                 await asyncio.to_thread(
