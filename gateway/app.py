@@ -150,7 +150,7 @@ async def _serve(settings: Settings, db: Database) -> None:
 
     service = MailboxService(db, settings)
     outbound = OutboundService(db, settings, service, blobs)
-    imap = ImapSupervisor(settings, db, service, intake)
+    imap = ImapSupervisor(settings, db, service, intake, metrics=metrics)
     context = HttpContext(
         db=db,
         settings=settings,

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 
@@ -145,6 +146,10 @@ def setup_logging(level: int = logging.INFO, *, json_lines: bool | None = None) 
             protocol_log.setLevel(logging.INFO)
 
 
+SYNC_LAG_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+"""Buckets of ``mailgate_sync_lag_seconds``: Dovecot notifies after ~0.5 s; catch-up after hours."""
+
+
 class Metrics:
     """The process's Prometheus metrics, in a registry of their own."""
 
@@ -174,7 +179,33 @@ class Metrics:
             "mailgate_build_info", "Build information.", ("version",), registry=self.registry
         )
         self.build_info.labels(version=version()).set(1)
+        self.imap_sessions = Gauge(
+            "mailgate_imap_sessions",
+            "IMAP watchers (one session each) by provider and watcher state.",
+            ("provider", "state"),
+            registry=self.registry,
+        )
+        self.sync_lag_seconds = Histogram(
+            "mailgate_sync_lag_seconds",
+            "IMAP INTERNALDATE to durable commit of a stored message.",
+            ("provider",),
+            registry=self.registry,
+            buckets=SYNC_LAG_BUCKETS,
+        )
+        self.uidvalidity_resets = Counter(
+            "mailgate_imap_uidvalidity_resets",
+            "Folder resyncs after a UIDVALIDITY change (RFC 9051 §2.3.1.1).",
+            ("provider",),
+            registry=self.registry,
+        )
+        self._refreshers: list[Callable[[], None]] = []
+
+    def add_refresher(self, refresh: Callable[[], None]) -> None:
+        """Register a callable run before every ``render`` (sets gauges from live state)."""
+        self._refreshers.append(refresh)
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition of every metric."""
+        for refresh in self._refreshers:
+            refresh()
         return generate_latest(self.registry)

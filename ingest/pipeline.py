@@ -59,6 +59,7 @@ def _lookups(
         message_ids=frozenset(message_ids),
         identity_key=identity_key,
         sync_addresses=sync_addresses,
+        x_gm_thrid=raw.provenance.x_gm_thrid if isinstance(raw.provenance, ImapOrigin) else None,
     )
 
 

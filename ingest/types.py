@@ -375,6 +375,8 @@ class Lookups:
         identity_key: to find an already stored copy (R12).
         sync_addresses: envelope recipients (lower-cased addr-specs) to
             resolve to (user, sub-account) pairs.
+        x_gm_thrid: Gmail thread id of IMAP-fetched mail (X-GM-EXT-1), or
+            None; storage loads the threads already carrying it (R11 hint).
     """
 
     address_keys: frozenset[AddressKey]
@@ -382,6 +384,7 @@ class Lookups:
     message_ids: frozenset[MessageId]
     identity_key: str
     sync_addresses: frozenset[str]
+    x_gm_thrid: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

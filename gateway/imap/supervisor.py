@@ -29,6 +29,7 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 from gateway.config import Security, Settings
@@ -43,6 +44,7 @@ from gateway.imap.watcher import (
 from gateway.intake import Intake
 from gateway.intake_result import IntakeResult
 from gateway.mailboxes import MailboxService
+from gateway.observability import Metrics
 from ingest.normalise import address_key
 from ingest.types import ImapOrigin, MailboxId, MailboxState, Provider
 from storage.db import Database
@@ -62,9 +64,12 @@ class WatcherStatus:
     """One watcher as shown by observability (``mailgate mailbox show``, /metrics)."""
 
     mailbox_id: MailboxId
+    provider: Provider
     folder_role: str
     state: WatcherState
     last_error: str | None
+    last_sync_at: datetime | None
+    last_lag_seconds: float | None
 
 
 def contact_initiated_of(settings: Settings) -> Mapping[Provider, bool]:
@@ -150,8 +155,14 @@ class ImapSupervisor:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        """Wire the supervisor; nothing runs before ``start``."""
+        """Wire the supervisor; nothing runs before ``start``.
+
+        ``metrics`` (the process's ``Metrics``) receives the watchers' lag
+        and UIDVALIDITY-reset samples, and ``mailgate_imap_sessions`` is
+        recomputed from ``status()`` at every render.
+        """
         self._settings = settings
         self._db = db
         self._service = service
@@ -160,6 +171,7 @@ class ImapSupervisor:
             idle_renew_seconds=float(settings.sync.idle_renew_seconds),
             backoff_max_seconds=float(settings.sync.reconnect_backoff_max_seconds),
             backfill_days=settings.sync.backfill_days,
+            metrics=metrics,
             sleep=sleep,
             rng=rng or random.Random(),  # noqa: S311 (jitter, not security)
         )
@@ -168,6 +180,8 @@ class ImapSupervisor:
         self._pending: set[asyncio.Task[None]] = set()
         self._contexts: dict[Path | None, ssl.SSLContext] = {}
         self._stopped = False
+        if metrics is not None:
+            metrics.add_refresher(lambda: self._publish_sessions(metrics))
 
     async def start(self) -> None:
         """Start watchers for every connected mailbox and follow state changes."""
@@ -187,12 +201,23 @@ class ImapSupervisor:
         return tuple(
             WatcherStatus(
                 mailbox_id=key[0],
+                provider=watcher.target.provider,
                 folder_role=key[1],
                 state=watcher.state,
                 last_error=watcher.last_error,
+                last_sync_at=watcher.last_sync_at,
+                last_lag_seconds=watcher.last_lag_seconds,
             )
             for key, (watcher, _task) in sorted(self._watchers.items())
         )
+
+    def _publish_sessions(self, metrics: Metrics) -> None:
+        """Set ``mailgate_imap_sessions{provider,state}`` (every pair, zeros included)."""
+        counts = {(p, s): 0 for p in Provider for s in WatcherState}
+        for status in self.status():
+            counts[status.provider, status.state] += 1
+        for (provider, state), count in counts.items():
+            metrics.imap_sessions.labels(provider=provider.value, state=state.value).set(count)
 
     async def reconcile(self) -> None:
         """Make the running watchers match the connected mailboxes (see module docstring)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -46,8 +47,9 @@ from gateway.imap.session import (
     ImapSession,
     LoginRejected,
 )
-from gateway.intake_result import IntakeResult
+from gateway.intake_result import IntakeResult, IntakeStatus
 from gateway.mailboxes import NOT_CONNECTED, REAUTH_REQUIRED, MailboxError
+from gateway.observability import Metrics
 from ingest.types import ImapOrigin, MailboxId, Provider, UidValidity
 from storage.db import Database
 from storage.repos.folders import (
@@ -57,6 +59,7 @@ from storage.repos.folders import (
     load_checkpoint,
     reset_checkpoint,
 )
+from storage.repos.mailboxes import SUSPENDED_PREFIX, record_sync, record_sync_error
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,15 @@ DEFAULT_FOLDERS: dict[Provider, dict[str, tuple[str, ...]]] = {
 }
 """Provider default folder names, used when no folder carries the RFC 6154 flag."""
 
+UIDVALIDITY_RESET_LIMIT = 3
+"""UIDVALIDITY resets of one folder allowed per window; the next one suspends the folder."""
+
+UIDVALIDITY_RESET_WINDOW_SECONDS = 24 * 3600.0
+"""Sliding window of ``UIDVALIDITY_RESET_LIMIT`` (STYLE.md §7: no endless resync loops)."""
+
+SYNC_TOUCH_SECONDS = 60.0
+"""An idle renewal with nothing new writes ``last_sync_at`` at most this often."""
+
 FOLDER_ROLES = ("inbox", "sent")
 """Roles every watched mailbox syncs (R2/R1 inbound, R5 outbound)."""
 
@@ -87,11 +99,16 @@ class WatcherState(StrEnum):
     IDLE = "idle"
     BACKOFF = "backoff"
     NO_FOLDER = "no_folder"
+    SUSPENDED = "suspended"
     FINISHED = "finished"
 
 
 class FolderMissing(Exception):
     """The server has no folder for the role (e.g. a generic IMAP account without \\Sent)."""
+
+
+class FolderSuspended(Exception):
+    """The folder's UIDVALIDITY changed too often; it is no longer re-synced (see module doc)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,11 +147,15 @@ Deliver = Callable[[Sequence[tuple[bytes, ImapOrigin]], int], Awaitable[list[Int
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatcherConfig:
-    """Timing (``[sync]``) and the injected clock, sleep and randomness."""
+    """Timing (``[sync]``), limits, metrics and the injected clock, sleep and randomness."""
 
     idle_renew_seconds: float = 600.0
     backoff_max_seconds: float = 300.0
     backfill_days: int = 0
+    uidvalidity_reset_limit: int = UIDVALIDITY_RESET_LIMIT
+    uidvalidity_reset_window_seconds: float = UIDVALIDITY_RESET_WINDOW_SECONDS
+    metrics: Metrics | None = None
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
 
@@ -167,6 +188,8 @@ class FolderWatcher:
         self._stopped = asyncio.Event()
         self._failures = 0
         self._folder: FolderInfo | None = None
+        self._resets: deque[datetime] = deque()
+        self.last_lag_seconds: float | None = None
 
     @property
     def log_fields(self) -> dict[str, object]:
@@ -179,6 +202,9 @@ class FolderWatcher:
         while not self._stopping:
             try:
                 await self._connected_pass()
+            except FolderSuspended as exc:
+                await self._suspend(exc)
+                break
             except FolderMissing:
                 # Not an error: look again after a renewal interval (the user may create it).
                 self.state = WatcherState.NO_FOLDER
@@ -196,7 +222,8 @@ class FolderWatcher:
                 await self._backoff(exc)
             finally:
                 await self._close()
-        self.state = WatcherState.FINISHED
+        if self.state is not WatcherState.SUSPENDED:
+            self.state = WatcherState.FINISHED
 
     async def stop(self) -> None:
         """Ask the watcher to end: IDLE DONE, LOGOUT, then ``run`` returns."""
@@ -222,7 +249,33 @@ class FolderWatcher:
         delay *= self._config.rng.uniform(0.5, 1.0)
         self._failures = min(self._failures + 1, 30)
         log.warning("imap reconnect", extra={**self.log_fields, "reason": self.last_error})
+        await self._store_error(self.last_error)
         await self._pause(delay)
+
+    async def _suspend(self, exc: FolderSuspended) -> None:
+        """Stop syncing this folder until the gateway restarts; the mailbox shows why."""
+        self.state = WatcherState.SUSPENDED
+        self.last_error = f"{SUSPENDED_PREFIX} {exc}"
+        log.error("imap folder suspended", extra={**self.log_fields, "reason": self.last_error})
+        await self._close()
+        await self._store_error(self.last_error)
+
+    async def _store_error(self, error: str) -> None:
+        """Best effort: the database may be what failed."""
+        try:
+            await self._db.run(record_sync_error, self.target.mailbox_id, error)
+        except Exception:
+            log.warning("could not store imap error", extra=self.log_fields, exc_info=True)
+
+    async def _touch(self, *, force: bool) -> None:
+        """Write ``last_sync_at`` (and clear the error) after a commit or a quiet catch-up."""
+        now = self._config.clock()
+        last = self.last_sync_at
+        if not force and last is not None and (now - last).total_seconds() < SYNC_TOUCH_SECONDS:
+            return
+        await self._db.run(record_sync, self.target.mailbox_id, at=now)
+        self.last_sync_at = now
+        self.last_error = None
 
     async def _pause(self, seconds: float) -> None:
         """The injected sleep, cut short by ``stop``."""
@@ -244,10 +297,11 @@ class FolderWatcher:
         folder = await self._resolve_folder(session)
         uidvalidity = await self._select(session, folder)
         self._failures = 0
+        await self._touch(force=True)
         while not self._stopping:
             self.state = WatcherState.CATCHING_UP
             await self._catch_up(session, folder, uidvalidity)
-            self.last_sync_at = datetime.now(UTC)
+            await self._touch(force=False)
             if session.take_exists() or self._stopping:
                 continue
             self.state = WatcherState.IDLE
@@ -302,6 +356,7 @@ class FolderWatcher:
         if found is None:
             rule, reason = BASELINE_RULE, "first sync: mail older than the connection is skipped"
         else:
+            self._count_reset()
             rule, reason = UIDVALIDITY_RULE, "uidvalidity changed: re-read, copies deduplicated"
             log.warning(
                 "uidvalidity changed",
@@ -317,6 +372,29 @@ class FolderWatcher:
             rule=rule,
             reason=reason,
         )
+
+    def _count_reset(self) -> None:
+        """Count a UIDVALIDITY reset; past the limit within the window, suspend the folder.
+
+        Raises:
+            FolderSuspended: more than ``uidvalidity_reset_limit`` resets in
+                ``uidvalidity_reset_window_seconds`` (this one included);
+                the checkpoint is left as it was (no re-sync).
+        """
+        now = self._config.clock()
+        window = timedelta(seconds=self._config.uidvalidity_reset_window_seconds)
+        while self._resets and now - self._resets[0] > window:
+            self._resets.popleft()
+        self._resets.append(now)
+        if self._config.metrics is not None:
+            self._config.metrics.uidvalidity_resets.labels(
+                provider=self.target.provider.value
+            ).inc()
+        if len(self._resets) > self._config.uidvalidity_reset_limit:
+            hours = self._config.uidvalidity_reset_window_seconds / 3600
+            raise FolderSuspended(
+                f"{self.role}: uidvalidity changed {len(self._resets)} times in {hours:g} h"
+            )
 
     async def _baseline(self, session: ImapSession, info: SelectInfo) -> int:
         """Highest UID certainly older than the connection (R6), or 0."""
@@ -365,8 +443,24 @@ class FolderWatcher:
                 for m in fetched
             ]
             if messages:
-                await self._deliver(messages, position)
+                results = await self._deliver(messages, position)
+                self._observe_lag(messages, results)
+                await self._touch(force=True)
                 position = int(messages[-1][1].uid)
+
+    def _observe_lag(
+        self, messages: Sequence[tuple[bytes, ImapOrigin]], results: Sequence[IntakeResult]
+    ) -> None:
+        """Lag = commit time − INTERNALDATE, of each newly stored message (seconds)."""
+        now = self._config.clock()
+        metrics = self._config.metrics
+        for (_raw, origin), result in zip(messages, results, strict=False):
+            if result.status is not IntakeStatus.STORED or origin.internal_date is None:
+                continue
+            lag = max(0.0, (now - origin.internal_date).total_seconds())
+            self.last_lag_seconds = lag
+            if metrics is not None:
+                metrics.sync_lag_seconds.labels(provider=self.target.provider.value).observe(lag)
 
     async def _wait_for_mail(self, session: ImapSession) -> bool:
         """IDLE until mail, or renew; NOOP polling when the server lacks IDLE.

@@ -9,12 +9,21 @@ from __future__ import annotations
 from ingest.types import (
     Facts,
     InstanceState,
+    MessageId,
     SubaccountId,
     ThreadId,
     ThreadLinks,
     ThreadOrigin,
     ThreadTarget,
 )
+
+GMAIL_THREAD_HINT = MessageId("")
+"""``ThreadFact.message_id`` of a thread storage found by Gmail's X-GM-THRID (no header)."""
+
+
+def _gmail_hint_threads(facts: Facts) -> tuple[ThreadId, ...]:
+    """Threads found by X-GM-THRID, lowest id first, unique."""
+    return tuple(sorted({f.thread_id for f in facts.threads if f.message_id == GMAIL_THREAD_HINT}))
 
 
 def _ancestor_threads(links: ThreadLinks, facts: Facts) -> tuple[ThreadId, ...]:
@@ -36,7 +45,9 @@ def choose_thread(links: ThreadLinks, facts: Facts, origin: ThreadOrigin) -> Thr
     Follows RFC 5322 §3.6.4: a message joins the thread of the nearest
     ancestor named in References / In-Reply-To that is stored. When no
     ancestor is stored but stored replies cite this message (they arrived
-    first), it joins their thread. Every other thread it links is merged
+    first), it joins their thread. Failing both, a stored thread with the
+    same Gmail X-GM-THRID (facts with ``message_id`` ``GMAIL_THREAD_HINT``)
+    is joined: Gmail's own threading, used only as a hint. Every other thread it links is merged
     into the chosen one. Subjects are never compared.
 
     Args:
@@ -51,6 +62,15 @@ def choose_thread(links: ThreadLinks, facts: Facts, origin: ThreadOrigin) -> Thr
     for child in sorted(facts.waiting_children, key=lambda c: c.message_pk):
         if child.thread_id not in linked:
             linked.append(child.thread_id)
+    hinted = _gmail_hint_threads(facts)
+    if not linked and hinted:
+        return ThreadTarget(
+            thread_id=hinted[0],
+            origin=origin,
+            merge_thread_ids=(),
+            rule="R11",
+            reason="no stored ancestor; joins the stored thread with the same Gmail X-GM-THRID",
+        )
     if not linked:
         return ThreadTarget(
             thread_id=None,

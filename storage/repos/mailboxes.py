@@ -22,6 +22,10 @@ from storage.errors import NotFound
 from storage.models import FolderState, Mailbox, Membership, SyncLogEntry, User, WebhookDelivery
 from storage.models.enums import WebhookState
 
+SUSPENDED_PREFIX = "suspended:"
+"""Start of a ``last_error`` that a later successful sync must not clear (a folder the
+IMAP watcher stopped re-syncing after repeated UIDVALIDITY changes, docs/imap.md)."""
+
 STATE_CHANGED_EVENT = "mailbox.state_changed"
 """Webhook event name of a state change (INTERFACE.md "Webhooks")."""
 
@@ -424,4 +428,43 @@ def _log_change(session: Session, change: StateChange, webhook_urls: tuple[str, 
             state=WebhookState.PENDING,
         )
         for url in webhook_urls
+    )
+
+
+def record_sync(session: Session, mailbox_id: int, *, at: datetime) -> None:
+    """Note a successful sync of a connected mailbox: ``last_sync_at`` = ``at``, error cleared.
+
+    Called by the IMAP watcher after a fetched batch committed (and once
+    after each successful (re)connect), so ``last_sync_at`` is the time of
+    the last commit, at batch granularity. Rows that are not connected are
+    left alone (a ``reauth_required`` reason must survive), and so is an
+    error starting with ``SUSPENDED_PREFIX`` (another folder's watcher
+    succeeding does not make a suspended folder healthy).
+
+    Args:
+        at: aware UTC time of the commit.
+    """
+    session.execute(
+        sa.update(Mailbox)
+        .where(Mailbox.id == mailbox_id, Mailbox.state == MailboxState.CONNECTED)
+        .values(
+            last_sync_at=at,
+            last_error=sa.case(
+                (Mailbox.last_error.like(f"{SUSPENDED_PREFIX}%"), Mailbox.last_error), else_=None
+            ),
+        )
+    )
+
+
+def record_sync_error(session: Session, mailbox_id: int, error: str) -> None:
+    """Store the watcher's last connection, login or sync error of a connected mailbox.
+
+    Args:
+        error: short text (exception class and message, or a cap reason);
+            never a token, body or subject. Truncated to 500 characters.
+    """
+    session.execute(
+        sa.update(Mailbox)
+        .where(Mailbox.id == mailbox_id, Mailbox.state == MailboxState.CONNECTED)
+        .values(last_error=error[:500])
     )

@@ -77,6 +77,7 @@ class Env:
     subaccount_id: SubaccountId
     blobs: BlobStore
     clock: ShiftedClock
+    metrics: Metrics
 
 
 def build_settings(oauth_provider: OAuthProvider, dovecot: Dovecot) -> Settings:
@@ -119,25 +120,26 @@ async def env(
     spool = Spool(tmp_path / "spool")
     await asyncio.to_thread(spool.open)
     blobs = BlobStore(tmp_path / "blobs")
+    metrics = Metrics()
     intake = Intake(
         db=db,
         blobs=blobs,
         spool=spool,
         bcc=settings.bcc,
-        metrics=Metrics(),
+        metrics=metrics,
         contact_initiated=contact_initiated_of(settings),
         backfill_days=settings.sync.backfill_days,
     )
     intake_task = asyncio.create_task(intake.run(), name="intake")
     clock = ShiftedClock()
     service = MailboxService(db, settings, retry=RETRY, clock=clock)
-    supervisor = ImapSupervisor(settings, db, service, intake)
+    supervisor = ImapSupervisor(settings, db, service, intake, metrics=metrics)
     sub_id = await db.run(add_subaccount, "acme")
     await db.run(add_user, USER_EMAIL, "CRM User", [sub_id])
     await db.run(add_contact, sub_id, CONTACT, "Contact", USER_EMAIL)
     await supervisor.start()
     try:
-        yield Env(db, intake, service, supervisor, settings, sub_id, blobs, clock)
+        yield Env(db, intake, service, supervisor, settings, sub_id, blobs, clock, metrics)
     finally:
         await supervisor.stop()
         await intake.close()

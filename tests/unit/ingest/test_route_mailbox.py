@@ -6,10 +6,12 @@ the IMAP watcher's integration tests drive the same decisions end to end.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from ingest.normalise import address_key
-from ingest.pipeline import decide
+from ingest.pipeline import decide, prepare
+from ingest.rules.threading import GMAIL_THREAD_HINT
 from ingest.types import (
     ContactId,
     Direction,
@@ -308,3 +310,40 @@ def test_r13_forward_from_the_mailbox_is_a_new_outbound_thread() -> None:
 def test_not_connected_mailbox_syncs_nothing() -> None:
     d = decide(inbound(), Facts(contacts=(BOB,)), NOW)
     assert not d.stores and [e.rule for e in d.log] == ["R21"]
+
+
+# --------------------------------------------------------------------- R11 (X-GM-THRID)
+
+
+def gmail_hint(thread_id: int = 9) -> ThreadFact:
+    """A thread storage found by X-GM-THRID (no Message-ID; see GMAIL_THREAD_HINT)."""
+    return ThreadFact(
+        message_id=GMAIL_THREAD_HINT,
+        thread_id=ThreadId(thread_id),
+        subaccount_id=ACME,
+        state=InstanceState.ACTIVE,
+        origin=ThreadOrigin.CRM,
+    )
+
+
+def test_r11_gmail_thread_id_joins_crm_thread_without_header_ancestor() -> None:
+    d = decide(inbound(), mfacts(contacts=(BOB,), threads=(gmail_hint(),)), NOW)
+    assert d.thread is not None and d.thread.thread_id == ThreadId(9)
+    assert "X-GM-THRID" in d.thread.reason
+    assert linked(d) == [(ACME, 1, "R1")]
+
+
+def test_r11_header_ancestor_wins_over_gmail_thread_id() -> None:
+    d = decide(
+        inbound(ancestors=("crm-1@mailgate",)),
+        mfacts(contacts=(BOB,), threads=(crm_thread(), gmail_hint())),
+        NOW,
+    )
+    assert d.thread is not None and d.thread.thread_id == ThreadId(5)
+    assert d.thread.merge_thread_ids == ()
+
+
+def test_r11_gmail_thread_id_carried_into_lookups() -> None:
+    thrid = 1_700_000_000_000_000_001
+    raw = inbound(provenance=replace(origin(), x_gm_thrid=thrid)).raw
+    assert prepare(raw).lookups.x_gm_thrid == thrid
