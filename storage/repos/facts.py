@@ -52,6 +52,7 @@ from storage.models import (
     Mailbox,
     Membership,
     Message,
+    MessageIdKind,
     MessageReference,
     SyncedThread,
     ThreadInstance,
@@ -104,11 +105,15 @@ def load_facts(
     Returns:
         Facts with: ``sync_targets`` sorted by sync address; ``contacts``,
         ``users``, ``threads`` and ``waiting_children`` sorted by row keys;
-        ``duplicate_of`` the stored message with the same identity key;
+        ``duplicate_of`` the stored message with the same identity key, or
+        the sent message whose provider-given Message-ID (R11) is this
+        message's own;
         ``mailbox_connections`` (IMAP only) every connected mailbox row of
         the same provider account, one per sub-account, by sub-account.
     """
     threads, children, duplicate_of = _message_facts(session, lookups)
+    if lookups.x_gm_thrid is not None:
+        threads += _gmail_thread_facts(session, lookups.x_gm_thrid)
     connections = (
         _mailbox_connections(session, origin.mailbox_id, contact_initiated)
         if origin is not None
@@ -124,6 +129,41 @@ def load_facts(
         auth=auth,
         settings=settings,
         mailbox_connections=connections,
+    )
+
+
+GMAIL_THREAD_HINT = MessageId("")
+"""``ThreadFact.message_id`` of a thread found by X-GM-THRID rather than a Message-ID
+(equal to ``ingest.rules.threading.GMAIL_THREAD_HINT``)."""
+
+
+def _gmail_thread_facts(session: Session, x_gm_thrid: int) -> tuple[ThreadFact, ...]:
+    """Instances of synced threads already carrying this Gmail thread id (R11 hint).
+
+    One SELECT. Each fact's ``message_id`` is ``GMAIL_THREAD_HINT`` (""),
+    which no header ancestor can equal: ``choose_thread`` uses these facts
+    only when no stored ancestor or waiting child names a thread.
+
+    Returns:
+        Facts sorted by (thread_id, subaccount_id); empty when none.
+    """
+    rows = session.execute(
+        sa.select(
+            SyncedThread.id, ThreadInstance.subaccount_id, ThreadInstance.state, SyncedThread.origin
+        )
+        .join(ThreadInstance, ThreadInstance.thread_id == SyncedThread.id)
+        .where(SyncedThread.x_gm_thrid == x_gm_thrid)
+        .order_by(SyncedThread.id, ThreadInstance.subaccount_id)
+    )
+    return tuple(
+        ThreadFact(
+            message_id=GMAIL_THREAD_HINT,
+            thread_id=ThreadId(thread_id),
+            subaccount_id=SubaccountId(subaccount_id),
+            state=state,
+            origin=ThreadOrigin(origin),
+        )
+        for thread_id, subaccount_id, state, origin in rows
     )
 
 
@@ -402,6 +442,20 @@ _MESSAGE_FACTS: sa.CompoundSelect[*tuple[Any, ...]] = sa.union_all(
         sa.null(),
         sa.null(),
     ).where(Message.identity_key == sa.bindparam("identity")),
+    # A sent message whose provider rewrote its Message-ID (Exchange, R11): the
+    # Sent-folder copy carries the provider's id as its own (R12).
+    sa.select(
+        sa.literal_column(f"'{_DUPLICATE}'"),
+        KnownMessageId.message_id,
+        KnownMessageId.message_pk,
+        sa.null(),
+        sa.null(),
+        sa.null(),
+        sa.null(),
+    ).where(
+        KnownMessageId.message_id == sa.bindparam("own"),
+        KnownMessageId.kind == MessageIdKind.PROVIDER,
+    ),
 )
 """Rows ``(kind, message_id, pk, thread_id, subaccount_id, state, origin)``; an empty key
 matches none; ``origin`` (the synced thread's, R1/R2) is set on thread rows only."""

@@ -1,12 +1,14 @@
 """Thread repository: start, join and merge synced threads; their per-sub-account instances.
 
 Edge module: sync writes on a caller's ``Session``; never commits.
-Used by ``repos.messages.apply_decision`` (R4, R11).
+Used by ``repos.messages.apply_decision`` (R4, R11) and, for the R4 claim
+of a CRM reply, by ``gateway.outbound_routes``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -90,3 +92,53 @@ def ensure_instances(session: Session, thread_id: ThreadId, subaccount_ids: Iter
             for subaccount_id in sorted(set(subaccount_ids))
         ],
     )
+
+
+def claim_thread(session: Session, thread_id: ThreadId, subaccount_id: int, now: datetime) -> bool:
+    """Let a sub-account's first CRM reply claim a thread (R4).
+
+    Runs in the send's transaction (the one storing its conversation copy).
+    When no instance of the thread is claimed yet and the sub-account's
+    instance is ``active`` (created ``active`` when missing), that instance
+    gets ``claimed_at = now`` and every other ``active`` instance of the
+    thread becomes ``broken``: it keeps its messages and receives nothing
+    more. A thread already claimed, or a ``broken`` instance, changes nothing
+    (the first claim wins; a broken instance cannot claim back).
+
+    Args:
+        thread_id: the thread the CRM reply joined.
+        subaccount_id: the sending sub-account.
+        now: aware UTC time of the send.
+
+    Returns:
+        True when the sub-account holds the claim afterwards (new or earlier).
+    """
+    holder = session.scalar(
+        sa.select(ThreadInstance.subaccount_id).where(
+            ThreadInstance.thread_id == thread_id, ThreadInstance.claimed_at.is_not(None)
+        )
+    )
+    if holder is not None:
+        return bool(holder == subaccount_id)
+    ensure_instances(session, thread_id, (subaccount_id,))
+    mine = session.execute(
+        sa.update(ThreadInstance)
+        .where(
+            ThreadInstance.thread_id == thread_id,
+            ThreadInstance.subaccount_id == subaccount_id,
+            ThreadInstance.state == InstanceState.ACTIVE,
+        )
+        .values(claimed_at=now)
+    )
+    if getattr(mine, "rowcount", 0) == 0:
+        return False
+    session.execute(
+        sa.update(ThreadInstance)
+        .where(
+            ThreadInstance.thread_id == thread_id,
+            ThreadInstance.subaccount_id != subaccount_id,
+            ThreadInstance.state == InstanceState.ACTIVE,
+        )
+        .values(state=InstanceState.BROKEN)
+    )
+    return True

@@ -259,8 +259,11 @@ async def test_shutdown_drain_finishes_data_in_flight_and_421s_idle_sessions() -
     await idle_reader.readline()  # 220 greeting
 
     def send() -> dict[str, tuple[int, bytes]]:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        try:  # no QUIT: after its 250 the drain answers this session 421 too
             return client.sendmail(USER, [GOOD], _message(b"in flight\r\n"))
+        finally:
+            client.close()
 
     sending = asyncio.create_task(asyncio.to_thread(send))
     await asyncio.wait_for(gate.wait(), 10)
@@ -270,6 +273,7 @@ async def test_shutdown_drain_finishes_data_in_flight_and_421s_idle_sessions() -
     goodbye = await asyncio.wait_for(idle_reader.readline(), 5)
     assert goodbye.startswith(str(replies.SHUTTING_DOWN.code).encode())
     idle_writer.close()
+    await idle_writer.wait_closed()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
     await server.server.wait_closed()
