@@ -355,3 +355,25 @@ async def test_idempotency_key_sends_once(
     again = await env.outbound.send(request_(imap_password_user, idempotency_key="k-1"))
     assert again.id == first.id and again.state == OutboundState.SENT
     assert len(sent_for(submission, first.message_id)) == 1
+
+
+@pytest.mark.parametrize("provider", [Provider.GMAIL, Provider.OUTLOOK])
+async def test_r18_provider_files_the_sent_copy_and_we_add_none(
+    database: Any,
+    oauth_provider: OAuthProvider,
+    dovecot: Dovecot,
+    submission: SubmissionServer,
+    imap_password_user: TestbedUser,
+    provider: Provider,
+    request: pytest.FixtureRequest,
+) -> None:
+    """R18: Gmail and Outlook save the sent message themselves: exactly one Sent copy."""
+    sender = request.getfixturevalue("gmail_user" if provider is Provider.GMAIL else "outlook_user")
+    env = await make_env(database, oauth_provider, dovecot, submission)
+    await connect(env, provider, sender)
+    await add_recipient(env, imap_password_user)
+    record = await env.outbound.send(request_(imap_password_user))
+    assert record.state == OutboundState.SENT, record.last_error
+    expected = f"<{record.message_id}>".encode()
+    in_sent = [h for h in inbox_message_ids(dovecot, sender, sender.sent_folder) if expected in h]
+    assert len(in_sent) == 1
