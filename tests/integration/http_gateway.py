@@ -37,6 +37,7 @@ from storage.db import Database
 from storage.migrate import upgrade
 from storage.repos.directory import add_subaccount, add_user
 from tests.testbed.oauth_server import OAuthProvider
+from tests.testbed.settings import oauth_keys
 
 FLAVOUR = {Provider.GMAIL: "google", Provider.OUTLOOK: "microsoft"}
 RETRY = RetryPolicy(attempts=3, initial_seconds=0.01, max_seconds=0.05)
@@ -79,17 +80,7 @@ def _settings(
     providers: dict[str, Any] = {}
     for provider, flavour in FLAVOUR.items():
         client = oauth_provider.register_client(flavour, redirect)
-        ends = oauth_provider.endpoints(flavour)
-        providers[provider.value] = {
-            "client_id": client.client_id,
-            "client_secret": client.client_secret,
-            "authorize_url": ends.authorize_url,
-            "token_url": ends.token_url,
-            "userinfo_url": ends.userinfo_url,
-            "revoke_url": ends.revoke_url,
-            "issuer": ends.issuer,
-            "jwks_url": None,
-        }
+        providers[provider.value] = oauth_keys(oauth_provider, flavour, client)
     return make_settings(
         storage={
             "database_url": f"sqlite+aiosqlite:///{tmp_path / 'mailgate.db'}",

@@ -21,6 +21,7 @@ from storage.db import Database
 from tests.testbed.dovecot import Dovecot
 from tests.testbed.oauth_server import OAuthProvider
 from tests.testbed.plugin import TestbedUser
+from tests.testbed.settings import imap_keys, oauth_keys, smtp_keys
 from tests.testbed.submission import SubmissionServer
 
 PUBLIC_URL = "http://127.0.0.1:9"
@@ -60,23 +61,10 @@ def provider_settings(
 ) -> dict[str, Any]:
     providers: dict[str, Any] = {"imap": {"ca_file": str(dovecot.ca_file)}}
     for provider, client in clients.items():
-        ends = oauth_provider.endpoints(FLAVOUR[provider])
         providers[provider.value] = {
-            "client_id": client.client_id,
-            "client_secret": client.client_secret,
-            "authorize_url": ends.authorize_url,
-            "token_url": ends.token_url,
-            "userinfo_url": ends.userinfo_url,
-            "revoke_url": ends.revoke_url,
-            "issuer": ends.issuer,
-            "jwks_url": None,
-            "imap_host": "127.0.0.1",
-            "imap_port": dovecot.ports.imaps,
-            "imap_security": "tls",
-            "smtp_host": "127.0.0.1",
-            "smtp_port": submission.port,
-            "smtp_security": "starttls",
-            "ca_file": str(dovecot.ca_file),
+            **oauth_keys(oauth_provider, FLAVOUR[provider], client),
+            **imap_keys(dovecot),
+            **smtp_keys(submission),
             **limits.get(provider.value, {}),
         }
     return providers

@@ -44,6 +44,7 @@ from tests.integration.test_mailbox_lifecycle import consent
 from tests.testbed.dovecot import Dovecot
 from tests.testbed.oauth_server import OAuthProvider
 from tests.testbed.plugin import TestbedUser
+from tests.testbed.settings import imap_keys, oauth_keys
 
 pytestmark = pytest.mark.integration
 
@@ -86,20 +87,9 @@ def build_settings(oauth_provider: OAuthProvider, dovecot: Dovecot) -> Settings:
     providers: dict[str, Any] = {"imap": {"ca_file": str(dovecot.ca_file)}}
     for provider, flavour in FLAVOUR.items():
         client = oauth_provider.register_client(flavour, redirect)
-        ends = oauth_provider.endpoints(flavour)
         providers[provider.value] = {
-            "client_id": client.client_id,
-            "client_secret": client.client_secret,
-            "authorize_url": ends.authorize_url,
-            "token_url": ends.token_url,
-            "userinfo_url": ends.userinfo_url,
-            "revoke_url": ends.revoke_url,
-            "issuer": ends.issuer,
-            "jwks_url": None,
-            "imap_host": "127.0.0.1",
-            "imap_port": dovecot.ports.imaps,
-            "imap_security": "tls",
-            "ca_file": str(dovecot.ca_file),
+            **oauth_keys(oauth_provider, flavour, client),
+            **imap_keys(dovecot),
         }
     return make_settings(
         security={"token_key": Fernet.generate_key().decode()},

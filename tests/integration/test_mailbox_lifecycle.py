@@ -42,6 +42,7 @@ from storage.repos.oauth_states import STATE_EXPIRED, STATE_UNKNOWN, STATE_USED,
 from tests.testbed.dovecot import Dovecot
 from tests.testbed.oauth_server import OAuthProvider
 from tests.testbed.plugin import TestbedUser
+from tests.testbed.settings import oauth_keys
 
 pytestmark = pytest.mark.integration
 
@@ -66,17 +67,7 @@ class Env:
 def _settings(oauth_provider: OAuthProvider, dovecot: Dovecot, clients: dict[Provider, Any]) -> Any:
     providers: dict[str, Any] = {"imap": {"ca_file": str(dovecot.ca_file)}}
     for provider, client in clients.items():
-        ends = oauth_provider.endpoints(FLAVOUR[provider])
-        providers[provider.value] = {
-            "client_id": client.client_id,
-            "client_secret": client.client_secret,
-            "authorize_url": ends.authorize_url,
-            "token_url": ends.token_url,
-            "userinfo_url": ends.userinfo_url,
-            "revoke_url": ends.revoke_url,
-            "issuer": ends.issuer,
-            "jwks_url": None,
-        }
+        providers[provider.value] = oauth_keys(oauth_provider, FLAVOUR[provider], client)
     return make_settings(
         security={"token_key": Fernet.generate_key().decode()},
         http={"public_url": PUBLIC_URL},
