@@ -15,7 +15,16 @@ on SQLite in a temp dir and waits until every watcher (INBOX and Sent, so
     EXISTS on another user in the same run (Dovecot itself waits ~0.5 s
     before notifying).
 
+(c) (``--catchup N``, run instead of (a)/(b)) catch-up after an outage:
+    one Gmail-like mailbox whose corpus senders are contacts assigned to
+    its user; the watchers sync once and stop; N real corpus messages
+    (``bench_imap_catchup.py``) are APPENDed to INBOX; a new supervisor
+    starts and the time until the INBOX checkpoint reaches the last UID
+    is measured, beside imapclient fetching the same UIDs (UID FETCH
+    BODY.PEEK[] in chunks of ``FETCH_CHUNK``) without storing.
+
 Usage: .venv/bin/python bench/bench_imap.py [--mailboxes 100] [--messages 40]
+       .venv/bin/python bench/bench_imap.py --catchup 5000
 Not a test: it prints figures and never asserts on time.
 """
 
@@ -35,7 +44,7 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
-from aioimaplib import aioimaplib  # type: ignore[import-untyped]
+from aioimaplib import aioimaplib
 from cryptography.fernet import Fernet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +217,7 @@ async def run(root: Path, keys: TokenKeys, dovecot: Dovecot, mailboxes: int, mes
                 committed[origin.mailbox_id, origin.uid] = done
         return result
 
-    intake.accept_fetched_many = timed  # type: ignore[method-assign]
+    intake.accept_fetched_many = timed  # type: ignore[method-assign,assignment]
     intake_task = asyncio.create_task(intake.run())
     supervisor = ImapSupervisor(settings, db, service, intake)
     sessions = 2 * mailboxes
@@ -266,5 +275,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mailboxes", type=int, default=100)
     parser.add_argument("--messages", type=int, default=40)
+    parser.add_argument("--catchup", type=int, default=0, help="run (c) with N messages")
     args = parser.parse_args()
-    asyncio.run(main(args.mailboxes, args.messages))
+    if args.catchup:
+        from bench.bench_imap_catchup import catchup_main
+
+        asyncio.run(catchup_main(args.catchup, make_root, add_mailboxes))
+    else:
+        asyncio.run(main(args.mailboxes, args.messages))

@@ -54,6 +54,13 @@ from ingest.types import Uid
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_SECONDS = 30.0
+
+DONE_TIMEOUT_SECONDS = 10.0
+"""Longest wait for the server's answer to DONE (at most a quarter of the renewal).
+
+A silently dead socket (no FIN, no RST) shows itself only here: IDLE lasts
+the renewal interval minus this wait, so IDLE + DONE together end within
+``sync.idle_renew_seconds`` and a dead link is noticed within it (issue 4)."""
 """Longest wait for any tagged reply (a silent dead socket is noticed within this)."""
 
 FETCH_CHUNK = 50
@@ -307,8 +314,10 @@ class ImapSession:
             True when an EXISTS arrived (fetch now), False on a plain renewal.
 
         Raises:
-            ConnectionLost: BYE, EOF, no DONE acknowledgement within the
-                command timeout (a silently dead socket), or IDLE refused.
+            ConnectionLost: BYE, EOF, no DONE acknowledgement within
+                ``DONE_TIMEOUT_SECONDS`` (a silently dead socket), or IDLE
+                refused. The whole call returns or raises within about
+                ``renew_seconds``.
         """
         proto = self._proto
         while not proto.idle_queue.empty():
@@ -320,9 +329,10 @@ class ImapSession:
             await self._race(_first(proto.wait_for_idle_response(), idle_task))
             if idle_task.done():
                 raise ConnectionLost("IDLE refused")
-            got = await self._await_push(renew_seconds)
+            done_wait = min(DONE_TIMEOUT_SECONDS, renew_seconds / 4)
+            got = await self._await_push(renew_seconds - done_wait)
             proto.idle_done()
-            await self._race(asyncio.shield(idle_task))
+            await self._race(asyncio.shield(idle_task), limit_seconds=done_wait)
         finally:
             if not idle_task.done():
                 idle_task.cancel()
