@@ -15,18 +15,6 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.http.auth import Principal
 from gateway.http.context import Endpoint, HttpContext, Param
-from gateway.http.directory_reads import (
-    SubaccountView,
-    UserView,
-    get_contact,
-    get_subaccount,
-    get_user,
-    list_contacts,
-    list_subaccounts,
-    list_users,
-    rename_contact,
-    rename_user,
-)
 from gateway.http.errors import BAD_REQUEST, FORBIDDEN, ApiError
 from gateway.http.schemas import (
     ContactCreate,
@@ -38,6 +26,18 @@ from gateway.http.schemas import (
     parse_body,
 )
 from storage.repos.directory import add_contact, add_subaccount, add_user
+from storage.repos.directory_reads import (
+    SubaccountView,
+    UserView,
+    get_contact,
+    get_subaccount,
+    get_user,
+    list_contacts,
+    list_subaccounts,
+    list_users,
+    rename_contact,
+    rename_user,
+)
 
 PREFIX = "/api/v1"
 DEFAULT_PAGE_SIZE = 100

@@ -15,7 +15,6 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.http.api import PREFIX, SUBACCOUNT_PARAM, path_int, scoped_subaccount, subaccount_ref
 from gateway.http.context import Endpoint, HttpContext, Param
-from gateway.http.directory_reads import SubaccountView, get_user
 from gateway.http.errors import BAD_REQUEST, ApiError
 from gateway.http.schemas import jsonable
 from gateway.mailboxes import (
@@ -29,6 +28,7 @@ from gateway.mailboxes import (
 from ingest.types import MailboxState, Provider
 from storage.errors import NotFound
 from storage.repos.directory import sync_address
+from storage.repos.directory_reads import SubaccountView, get_user
 from storage.repos.mailboxes import MailboxRecord, member_user_id
 
 MAILBOX_NOT_FOUND = "mailbox_not_found"

