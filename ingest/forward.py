@@ -110,6 +110,8 @@ _DASH_RUN = re.compile(r"-{3,}")
 # Every FORWARD_MARKERS key has a dash run, an underscore rule, or one of these
 # first words; lines without any of them are not looked at (speed: most bodies
 # have no marker, and a C-level search over the text skips them whole).
+# In markup a marker line starts after tags, so the first words are not anchored.
+_HTML_MARKER_HINT = re.compile(r"-{3,}|_{10,}|begin|anfang|d[ée]but|inicio", re.I)
 _MARKER_HINT = re.compile(r"-{3,}|_{10,}|^\s*(?:begin|anfang|d[ée]but|inicio)\b", re.I | re.M)
 _REQUIRED_ANY = frozenset(("subject", "date"))
 
@@ -150,6 +152,8 @@ def find_forwarded(parsed: ParsedMessage) -> ForwardedOriginal | None:
     # the HTML's mailto link). Rendering every HTML body cost 40 % of prepare().
     if parsed.html_body and (not parsed.text_body or forward_subject):
         head = parsed.html_body[:MAX_FORWARD_HTML_CHARS]
+        if not forward_subject and _HTML_MARKER_HINT.search(head) is None:
+            return found  # no marker anywhere in the markup: rendering cannot find one
         from_html = _find_inline(html_to_text(head), forward_subject=forward_subject)
         if from_html is not None and (from_html.from_ is not None or found is None):
             return from_html

@@ -93,6 +93,8 @@ def _label_to_unicode(label: str) -> str:
 
 def _balanced(value: str) -> bool:
     """Return whether parentheses outside quoted strings balance (RFC 5322 §3.2.2)."""
+    if "(" not in value and ")" not in value:
+        return True  # the loop below would never leave depth 0
     depth = 0
     escaped = False
     for char in _QUOTED.sub("", value):

@@ -42,7 +42,20 @@ def _lookups(
     links: ThreadLinks,
     forwarded: ForwardedOriginal | None,
 ) -> Lookups:
-    keys: set[AddressKey] = {p.address.address_key for p in parsed.participants.all()}
+    people = parsed.participants
+    # The six tuples Participants.all() wraps, without building a Participant each.
+    keys: set[AddressKey] = {
+        a.address_key
+        for group in (
+            people.from_,
+            people.sender,
+            people.reply_to,
+            people.to,
+            people.cc,
+            people.bcc,
+        )
+        for a in group
+    }
     if forwarded is not None:
         keys.update(a.address_key for a in forwarded.to + forwarded.cc)
         if forwarded.from_ is not None:
