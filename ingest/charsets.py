@@ -45,7 +45,8 @@ _CHARSET_ALIASES = {
 # chardet 7.7 reports low confidences even for right guesses (measured:
 # KOI8-R 0.36, GB18030 0.41, Windows-1253 0.21; German cp1252 text 0.04).
 _CHARDET_MIN_CONFIDENCE = 0.2
-_CHARDET_SAMPLE_BYTES = 2048  # detection cost grows with input; 2 KB decides as well
+# Detection cost grows with the input; 1 KB gives the same guesses as 2 KB on the corpus.
+_CHARDET_SAMPLE_BYTES = 1024
 
 
 def codec_for(charset: str | None) -> str | None:
