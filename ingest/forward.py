@@ -107,12 +107,17 @@ rendering a 1 MB HTML body (corpus: mailparser's stress mails) cost more than
 parsing the whole corpus. A block further down is not found (documented)."""
 _MAX_MARKER_CHARS = 120  # longest marker line seen is ~60 chars with its dashes
 _DASH_RUN = re.compile(r"-{3,}")
-# Every FORWARD_MARKERS key has a dash run, an underscore rule, or one of these
-# first words; lines without any of them are not looked at (speed: most bodies
-# have no marker, and a C-level search over the text skips them whole).
-# In markup a marker line starts after tags, so the first words are not anchored.
+# Every FORWARD_MARKERS key, once a line is stripped, starts with a dash run
+# and one of these words, an underscore rule, or one of these first words;
+# other lines are not looked at (speed: most bodies have no marker — patch
+# mails have many "---" lines — and a C-level search skips the text whole).
+_MARKER_HINT = re.compile(
+    r"^\s*(?:-{3,}\s*(?:forwarded|weitergeleitete|message|mensaje|doorgestuurd|messaggio"
+    r"|original|urspr)|_{10,}|(?:begin|anfang|d[ée]but|inicio)\b)",
+    re.I | re.M,
+)
+# In markup a marker line starts after tags, so nothing is anchored.
 _HTML_MARKER_HINT = re.compile(r"-{3,}|_{10,}|begin|anfang|d[ée]but|inicio", re.I)
-_MARKER_HINT = re.compile(r"-{3,}|_{10,}|^\s*(?:begin|anfang|d[ée]but|inicio)\b", re.I | re.M)
 _REQUIRED_ANY = frozenset(("subject", "date"))
 
 
