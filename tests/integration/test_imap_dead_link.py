@@ -25,26 +25,15 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Settings
-from gateway.imap.supervisor import ImapSupervisor, contact_initiated_of
-from gateway.intake import Intake
-from gateway.mailboxes import MailboxService
-from gateway.observability import Metrics
-from gateway.spool import Spool
 from ingest.types import Provider
-from storage.blobs import BlobStore
-from storage.db import Database
-from storage.migrate import upgrade
-from storage.repos.directory import add_contact, add_subaccount, add_user
 from tests.integration.test_imap_sync import (
     CONTACT,
-    RETRY,
-    USER_EMAIL,
     Env,
-    ShiftedClock,
     build_settings,
     connect,
     in_contact_conversation,
     message,
+    running_gateway,
     stored_count,
     wait_until,
 )
@@ -174,38 +163,9 @@ async def proxied_env(
     dovecot: Dovecot,
     proxy: BlackHoleProxy,
 ) -> AsyncIterator[Env]:
-    url = f"sqlite:///{tmp_path / 'mailgate.db'}"
-    await asyncio.to_thread(upgrade, url)
-    db = Database(url)
     settings = proxied_settings(build_settings(oauth_provider, dovecot), proxy.port)
-    spool = Spool(tmp_path / "spool")
-    await asyncio.to_thread(spool.open)
-    blobs = BlobStore(tmp_path / "blobs")
-    metrics = Metrics()
-    intake = Intake(
-        db=db,
-        blobs=blobs,
-        spool=spool,
-        bcc=settings.bcc,
-        metrics=metrics,
-        contact_initiated=contact_initiated_of(settings),
-        backfill_days=settings.sync.backfill_days,
-    )
-    intake_task = asyncio.create_task(intake.run(), name="intake")
-    clock = ShiftedClock()
-    service = MailboxService(db, settings, retry=RETRY, clock=clock)
-    supervisor = ImapSupervisor(settings, db, service, intake, metrics=metrics)
-    sub_id = await db.run(add_subaccount, "acme")
-    await db.run(add_user, USER_EMAIL, "CRM User", [sub_id])
-    await db.run(add_contact, sub_id, CONTACT, "Contact", USER_EMAIL)
-    await supervisor.start()
-    try:
-        yield Env(db, intake, service, supervisor, settings, sub_id, blobs, clock, metrics)
-    finally:
-        await supervisor.stop()
-        await intake.close()
-        await intake_task
-        await db.close()
+    async with running_gateway(tmp_path, settings) as gateway:
+        yield gateway
 
 
 async def test_dead_link_without_fin_noticed_within_renew_interval(

@@ -12,6 +12,7 @@ database with a deadline, never a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -99,14 +100,16 @@ def build_settings(oauth_provider: OAuthProvider, dovecot: Dovecot) -> Settings:
     )
 
 
-@pytest.fixture
-async def env(
-    tmp_path: Path, oauth_provider: OAuthProvider, dovecot: Dovecot
-) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def running_gateway(tmp_path: Path, settings: Settings) -> AsyncIterator[Env]:
+    """The gateway side built as ``gateway/app.py`` builds it, with one tenant.
+
+    Database on SQLite in ``tmp_path``, the real intake batcher, the mailbox
+    service (injected clock) and the IMAP supervisor; torn down in stop order.
+    """
     url = f"sqlite:///{tmp_path / 'mailgate.db'}"
     await asyncio.to_thread(upgrade, url)
     db = Database(url)
-    settings = build_settings(oauth_provider, dovecot)
     spool = Spool(tmp_path / "spool")
     await asyncio.to_thread(spool.open)
     blobs = BlobStore(tmp_path / "blobs")
@@ -135,6 +138,14 @@ async def env(
         await intake.close()
         await intake_task
         await db.close()
+
+
+@pytest.fixture
+async def env(
+    tmp_path: Path, oauth_provider: OAuthProvider, dovecot: Dovecot
+) -> AsyncIterator[Env]:
+    async with running_gateway(tmp_path, build_settings(oauth_provider, dovecot)) as gateway:
+        yield gateway
 
 
 async def connect(env: Env, provider: Provider, user: TestbedUser) -> MailboxRecord:
