@@ -7,13 +7,17 @@ flow (``MailboxService``) on SQLite in a temp dir, then runs each
 measurement in a fresh child process, so the servers' own work and memory
 are not counted:
 
-(a) ``throughput``: N individual sends ``enqueue``d, then ``process_due``
-    (each attempt: ``queued → sending`` committed, one SMTP session with
-    STARTTLS + XOAUTH2, ``sent`` + the conversation copy committed);
+(a) ``throughput``: N individual sends ``enqueue``d (each: composed,
+    blob written, ``queued`` committed), then ``process_due`` (each
+    attempt: ``queued → sending`` committed, one mail transaction, ``sent``
+    + the conversation copy committed; the sends of one mailbox share one
+    SMTP session with STARTTLS + XOAUTH2, as a real client's would);
     beside smtplib sending the very same bytes to the same server in the
-    same child, one session per message (STARTTLS + XOAUTH2, like the
-    queue), and on one reused session for reference. Prints messages per
-    second and queue ÷ smtplib (target ≥ 0.7×).
+    same child, one session per message and on one reused session. Prints
+    messages per second and queue ÷ smtplib for both (target ≥ 0.7× against
+    per-message sessions; since the queue reuses its session, the reused
+    figure is the like-for-like one, and it is printed too). ``--profile``
+    writes cProfile stats of the queue run (the event-loop thread only).
 (b) ``memory``: one send whose composed message is about 25 MB (one
     random attachment) through ``enqueue`` + ``process``; prints the
     tracemalloc peak and the RSS high-water growth (VmHWM after − VmRSS
@@ -160,7 +164,8 @@ def run_parent(args: argparse.Namespace) -> None:
             config = root / "bench.json"
             config.write_text(json.dumps(doc))
             before = len(submission.transactions)
-            figures = _child("throughput", config, str(args.messages))
+            profile = (str(Path(args.profile).resolve()),) if args.profile else ()
+            figures = _child("throughput", config, str(args.messages), *profile)
             received = len(submission.transactions) - before
             memory = _child("memory", config, str(args.size_mb))
         finally:
@@ -187,6 +192,8 @@ def _report(
     print(f"    smtplib, one reused session:      {n / t['smtplib_reused_seconds']:.1f} msg/s")
     ratio = t["smtplib_seconds"] / t["queue_seconds"]
     print(f"    queue / smtplib (per-message sessions): {ratio:.2f}x (target >= 0.7x)")
+    reused = t["smtplib_reused_seconds"] / t["queue_seconds"]
+    print(f"    queue / smtplib (one reused session):   {reused:.2f}x (like for like)")
     size = m["message_bytes"]
     print(f"(b) one message of {size} bytes ({size / MB:.1f} MB), state {m['state']}")
     peak = m["tracemalloc_peak_bytes"]
@@ -276,9 +283,16 @@ def _smtplib_run(doc: dict[str, Any], contents: list[bytes], *, reuse: bool) -> 
     return time.perf_counter() - started
 
 
-def child_throughput(doc: dict[str, Any], n: int) -> dict[str, Any]:
+def child_throughput(doc: dict[str, Any], n: int, profile: str | None) -> dict[str, Any]:
     settings = make_settings(**{k: v for k, v in doc.items() if k != "bench"})
-    queue = asyncio.run(_queue_run(settings, n, 0))
+    if profile:
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            queue = asyncio.run(_queue_run(settings, n, 0))
+        prof.dump_stats(profile)
+    else:
+        queue = asyncio.run(_queue_run(settings, n, 0))
     contents = queue.pop("contents")
     _smtplib_run(doc, contents[:WARMUP], reuse=False)
     queue["smtplib_seconds"] = _smtplib_run(doc, contents, reuse=False)
@@ -333,15 +347,18 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--size-mb", type=float, default=25.0)
     parser.add_argument("--bare-server", action="store_true")
+    parser.add_argument(
+        "--profile", metavar="PATH", help="write cProfile stats of the queue run to PATH"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.child:
         run_parent(args)
         return
-    mode, config, value = args.child
+    mode, config, value, *rest = args.child
     doc = json.loads(Path(config).read_text())
     if mode == "throughput":
-        result = child_throughput(doc, int(value))
+        result = child_throughput(doc, int(value), rest[0] if rest else None)
     else:
         result = child_memory(doc, float(value))
     print(json.dumps(result))

@@ -15,6 +15,7 @@ absent → queued again. A relay send has no Sent folder to ask, so it is
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import Callable
@@ -32,9 +33,15 @@ from gateway.config import Settings
 from gateway.errors import AuthError, PermanentError, TransientError
 from gateway.mailboxes import MailboxError, MailboxService
 from gateway.sent_folder import append_sent_copy, sent_copy_exists
-from gateway.smtp.sender import ClientContexts, SubmitResult, submit
+from gateway.smtp.sender import ClientContexts, Submissions, SubmitResult
 from ingest.compose import Draft, OutgoingAttachment, ParentRef, compose
-from ingest.limits import AttachmentSize, LimitRefusal, SendRequestSize, check_limits
+from ingest.limits import (
+    QUOTA_WINDOW,
+    AttachmentSize,
+    LimitRefusal,
+    SendRequestSize,
+    check_limits,
+)
 from ingest.types import MessageId
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -217,8 +224,12 @@ class OutboundService:
     ) -> LimitRefusal | None:
         if route.mailbox is None:
             return None  # R17 limits are the providers'; the relay has none here
-        since = now - timedelta(hours=24)
-        recent = repo.counted_sends_at(session, route.mailbox.id, since)
+        limits = routes.limits_of(self._settings, route.mailbox.provider)
+        since = now - QUOTA_WINDOW
+        recent: tuple[datetime, ...] = ()  # below the cap the times change nothing
+        cap = limits.daily_send_limit
+        if cap is not None and repo.count_sends_at(session, route.mailbox.id, since, now) >= cap:
+            recent = repo.counted_sends_at(session, route.mailbox.id, since)
         size = SendRequestSize(
             recipient_count=len(_unique((*request.to, *request.cc))),
             message_bytes=len(raw),
@@ -227,52 +238,133 @@ class OutboundService:
                 for a in request.attachments
             ),
         )
-        return check_limits(
-            routes.limits_of(self._settings, route.mailbox.provider), size, recent, now
-        )
+        return check_limits(limits, size, recent, now)
 
     # ------------------------------------------------------------ attempts
 
     async def process_due(self, limit: int = 100) -> int:
-        """Attempt every queued send that is due; return how many were attempted."""
-        ids = await self._db.read(repo.due_outbound, self._clock(), limit)
-        for outbound_id in ids:
-            await self.process(outbound_id)
-        return len(ids)
+        """Attempt every queued send that is due; return how many were attempted.
+
+        Sends through the same server and login share one SMTP connection
+        (``Submissions``). Each send keeps its own ``sending`` commit before
+        its MAIL FROM and its own outcome commit after the reply, but the
+        database works while the wire does: the previous send's outcome and,
+        for a mailbox send, the next send's ``sending`` are committed while
+        this send is on the wire. A crash then leaves those rows ``sending``,
+        which ``reconcile`` settles as any crash during an attempt (a mailbox
+        send absent from Sent is queued again). Relay sends are marked only
+        just before their own attempt: for them ``reconcile`` cannot ask and
+        gives up (``outcome_unknown``).
+        """
+        due = await self._db.read(repo.due_outbound_routes, self._clock(), limit)
+        run = _Run(self._tls)
+        outcome: _Outcome | None = None
+        try:
+            for index, (outbound_id, _route) in enumerate(due):
+                following = due[index + 1] if index + 1 < len(due) else None
+                premark = following[0] if following and following[1] == repo.ROUTE_MAILBOX else None
+                previous, outcome = outcome, None  # _attempt commits it, even when it raises
+                outcome = await self._attempt(outbound_id, run, previous, premark)
+        finally:
+            await self._end_run(run, outcome)
+        return len(due)
 
     async def process(self, outbound_id: int) -> repo.OutboundRecord:
-        """Make one attempt of a queued send and record its outcome."""
-        record = await self._db.run(repo.mark_sending, outbound_id, self._clock())
-        if record is None:
-            return await self._db.read(repo.get_outbound, outbound_id)
+        """Make one attempt of a queued send, record its outcome and return the row."""
+        run = _Run(self._tls)
+        outcome: _Outcome | None = None
+        try:
+            outcome = await self._attempt(outbound_id, run, None, None)
+        finally:
+            await self._end_run(run, outcome)
+        return await self._db.read(repo.get_outbound, outbound_id)
+
+    async def _attempt(
+        self, outbound_id: int, run: _Run, previous: _Outcome | None, premark: int | None
+    ) -> _Outcome | None:
+        """``queued → sending`` committed, then one submission; return the outcome to commit.
+
+        Meanwhile, on the database thread and in this order: ``previous``
+        (the last send's outcome) is committed, then ``premark``'s
+        ``sending``; both are awaited before returning. Returns None when
+        the row was not ``queued`` (another worker took it).
+        """
+        marking = run.marking.pop(outbound_id, None) or self._mark(outbound_id)
+        committing = (
+            asyncio.ensure_future(self._db.run(previous.commit, previous.now))
+            if previous is not None
+            else None
+        )
+        outcome: _Outcome | None = None
+        try:
+            record = await marking
+            if premark is not None:
+                run.marking[premark] = self._mark(premark)
+            if record is not None:
+                outcome = await self._submit(record, run)
+        finally:
+            if committing is not None:
+                try:
+                    await committing
+                except BaseException:
+                    if outcome is not None:  # this send's outcome is not lost with the other
+                        await self._db.run(outcome.commit, outcome.now)
+                    raise
+        return outcome
+
+    def _mark(self, outbound_id: int) -> asyncio.Future[repo.OutboundRecord | None]:
+        return asyncio.ensure_future(self._db.run(repo.mark_sending, outbound_id, self._clock()))
+
+    async def _end_run(self, run: _Run, outcome: _Outcome | None) -> None:
+        """Commit the last outcome, queue again any send marked but not attempted, QUIT."""
+        try:
+            if outcome is not None:
+                await self._db.run(outcome.commit, outcome.now)
+        finally:
+            try:
+                for outbound_id, marking in run.marking.items():
+                    if await marking is not None:
+                        await self._db.run(repo.release_sending, outbound_id, self._clock())
+            finally:
+                await run.submissions.close()
+
+    async def _submit(self, record: repo.OutboundRecord, run: _Run) -> _Outcome:
         content = await asyncio.to_thread(self._blobs.get, record.raw_sha256 or "")
         try:
-            target = await self._target(record)
-            result = await submit(
+            key = (record.route, record.mailbox_id, record.user_id)
+            target = run.targets.get(key)
+            if target is None:
+                target = run.targets[key] = await self._target(record)
+            result = await run.submissions.send(
                 target.server,
                 target.login,
                 envelope_sender=target.envelope_sender,
                 envelope_recipients=record.recipients,
                 content=content,
                 message_id=record.message_id,
-                contexts=self._tls,
             )
             if target.append_access is not None:
                 await asyncio.to_thread(
                     append_sent_copy, target.append_access, content, self._clock()
                 )
         except (TransientError, PermanentError, AuthError, MailboxError) as exc:
-            await self._db.run(self._failed_attempt, record, exc, self._clock())
-        else:
-            await self._db.run(self._finish_sent, record, content, result, self._clock())
-        return await self._db.read(repo.get_outbound, outbound_id)
+            return _Outcome(
+                commit=functools.partial(self._failed_attempt, record=record, exc=exc),
+                now=self._clock(),
+            )
+        return _Outcome(
+            commit=functools.partial(
+                self._finish_sent, record=record, content=content, result=result
+            ),
+            now=self._clock(),
+        )
 
     async def _target(self, record: repo.OutboundRecord) -> routes.Target:
         name_email = await self._db.read(repo.user_name_and_email, record.user_id)
         return await routes.target_of(self._settings, self._mailboxes, record, name_email[1])
 
     def _failed_attempt(
-        self, session: Session, record: repo.OutboundRecord, exc: Exception, now: datetime
+        self, session: Session, now: datetime, *, record: repo.OutboundRecord, exc: Exception
     ) -> None:
         log.warning(
             "send attempt failed",
@@ -293,10 +385,11 @@ class OutboundService:
     def _finish_sent(
         self,
         session: Session,
+        now: datetime,
+        *,
         record: repo.OutboundRecord,
         content: bytes,
         result: SubmitResult,
-        now: datetime,
     ) -> None:
         message_pk = None
         if record.route == repo.ROUTE_MAILBOX and record.kind == OutboundKind.INDIVIDUAL:
@@ -352,7 +445,10 @@ class OutboundService:
             result = SubmitResult(
                 code=250, reply="reconciled: found in Sent", provider_message_id=None
             )
-            await self._db.run(self._finish_sent, record, content, result, now)
+            await self._db.run(
+                functools.partial(self._finish_sent, record=record, content=content, result=result),
+                now,
+            )
         else:
             await self._db.run(
                 repo.schedule_retry,
@@ -368,6 +464,28 @@ class OutboundService:
     ) -> None:
         repo.mark_failed(session, record.id, now, code=OUTCOME_UNKNOWN, error=error)
         self._emit_failed(session, repo.get_outbound(session, record.id), now)
+
+
+class _Run:
+    """What the sends of one queue run share: SMTP connections and targets.
+
+    A target (server, login, mailbox state check) is looked up once per
+    (route, mailbox, user) and run; a run lasts seconds, and a mailbox
+    disconnected meanwhile fails at the server (AUTH) like any other.
+    """
+
+    def __init__(self, tls: ClientContexts) -> None:
+        self.submissions = Submissions(tls)
+        self.targets: dict[tuple[str | None, int | None, int], routes.Target] = {}
+        self.marking: dict[int, asyncio.Future[repo.OutboundRecord | None]] = {}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Outcome:
+    """What one attempt ended with: ``commit(session, now)`` records it (sent, retry or failed)."""
+
+    commit: Callable[[Session, datetime], None]
+    now: datetime
 
 
 def _unique(addresses: tuple[str, ...]) -> tuple[str, ...]:

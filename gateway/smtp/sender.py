@@ -1,15 +1,21 @@
 """SMTP submission of one composed message: through the user's mailbox or the relay.
 
-Edge module: one short-lived aiosmtplib connection per call. It does not
-decide routes or retries (``gateway.outbound`` does) and never logs tokens
-or passwords.
+Edge module: a ``Submission`` owns one aiosmtplib connection, used for one
+message (``submit``) or for several in a row (the queue's ``process_due``).
+It does not decide routes or retries (``gateway.outbound`` does) and never
+logs tokens or passwords.
 
 Session::
 
     connect (implicit TLS | plain → STARTTLS, CA = system + ca_file)
       → EHLO → AUTH XOAUTH2 (535 → refresh the token once → AUTH again)
                | AUTH PLAIN/LOGIN (password) | none (relay without user)
-      → MAIL FROM → RCPT TO … → DATA → 250 (reply parsed) → QUIT
+      → { MAIL FROM (SIZE=) → RCPT TO … → DATA → 354 → content in chunks
+          → "." → 250 (reply parsed) | error → RSET } …  → QUIT
+
+DATA is streamed (``data_chunks``): aiosmtplib 5.1.3's ``data()`` makes
+three whole copies of the content (line ends, dot-stuffing, terminator)
+and ``sendmail`` a fourth for SIZE; a 25 MB message cost ~122 MB there.
 
 Errors are turned into ``TransientError`` / ``PermanentError`` /
 ``AuthError`` by ``classify`` (STYLE.md §7).
@@ -17,9 +23,10 @@ Errors are turned into ``TransientError`` / ``PermanentError`` /
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +38,11 @@ from ingest.types import MessageId
 
 TIMEOUT_SECONDS = 60.0
 AUTH_FAILED = 535
+START_MAIL_INPUT = 354
+COMPLETED = 250
+DATA_CHUNK_BYTES = 64 * 1024
+"""Content bytes normalised, dot-stuffed and written per step of DATA."""
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")  # aiosmtplib.protocol.LINE_ENDINGS_REGEX
 # Exchange Online: "250 2.6.0 <NEW@host> [InternalId=…] Queued mail for delivery".
 _REPLY_MESSAGE_ID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>")
 
@@ -123,6 +135,285 @@ def provider_message_id(reply: str, ours: MessageId) -> MessageId | None:
     return MessageId(match.group(1))
 
 
+def normalised_chunks(content: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield ``content`` with every line ending made CRLF, ending in CRLF (RFC 5321 §2.3.8).
+
+    Lone CR and lone LF become CRLF, as ``aiosmtplib``'s
+    ``normalize_message_line_endings`` does; content not ending in CRLF
+    (including empty content) gets one. A CR at the end of a chunk is held
+    back to the next one, so a CRLF split across chunks stays one line end.
+
+    Args:
+        content: the message; read through a ``memoryview``, never copied whole.
+        chunk_bytes: how much of ``content`` each step reads (≥ 1).
+
+    Returns:
+        An iterator of non-empty chunks, each at most ``chunk_bytes`` + 1
+        bytes of input long before normalisation.
+    """
+    view = memoryview(content)
+    carry = b""
+    ends_with_crlf = False
+    for start in range(0, len(view), chunk_bytes):
+        piece = carry + view[start : start + chunk_bytes].tobytes()
+        carry = b""
+        if piece.endswith(b"\r") and start + chunk_bytes < len(view):
+            piece, carry = piece[:-1], b"\r"
+        normalised = _LINE_ENDINGS.sub(b"\r\n", piece)
+        if normalised:
+            ends_with_crlf = normalised.endswith(b"\r\n")
+            yield normalised
+    if not ends_with_crlf:
+        yield b"\r\n"
+
+
+def data_chunks(content: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield what goes on the wire after ``354``: the mail data, dot-stuffed, then ``.CRLF``.
+
+    Follows RFC 5321 §4.5.2 (a line starting with "." gets one more "."),
+    §4.1.1.4 (the data ends with CRLF "." CRLF) and §2.3.8 (CRLF line
+    ends, see ``normalised_chunks``). The concatenation equals, byte for
+    byte, what ``aiosmtplib.SMTP.data`` 5.1.3 writes for the same content.
+
+    Args:
+        content: the message bytes (RFC 5322).
+        chunk_bytes: how much of ``content`` each chunk covers.
+
+    Returns:
+        An iterator of non-empty chunks; the last one is ``b".\\r\\n"``.
+    """
+    at_line_start = True
+    for chunk in normalised_chunks(content, chunk_bytes):
+        stuffed = chunk.replace(b"\n.", b"\n..")  # every "\n" ends a line after normalising
+        yield b"." + stuffed if at_line_start and chunk.startswith(b".") else stuffed
+        at_line_start = chunk.endswith(b"\n")
+    yield b".\r\n"
+
+
+def normalised_size(content: bytes) -> int:
+    """Return the SIZE of ``content`` as transmitted (RFC 1870 §3: CRLF line ends, no stuffing)."""
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") == crlf == content.count(b"\n") and content.endswith(b"\r\n"):
+        return len(content)  # CRLF throughout (every composed message): counted without a copy
+    return sum(len(chunk) for chunk in normalised_chunks(content))
+
+
+class Submission:
+    """One SMTP connection to ``server``, logged in, that submits messages one after another.
+
+    State: ``open()`` → connected and authenticated → ``send()`` … →
+    ``close()`` (QUIT). A failed transaction is reset with RSET and the
+    connection stays usable when the server's reply left it in sync;
+    a timeout or a dropped connection closes it (``is_connected`` False).
+
+    Args:
+        server, login: where and how to connect.
+        contexts: shared TLS contexts; None builds one for this connection.
+    """
+
+    def __init__(
+        self, server: SmtpServer, login: Login, contexts: ClientContexts | None = None
+    ) -> None:
+        """Prepare the client; nothing is connected until ``open``."""
+        self.server = server
+        self.login = login
+        self._client = aiosmtplib.SMTP(
+            hostname=server.host,
+            port=server.port,
+            use_tls=server.security == Security.TLS,
+            start_tls=server.security == Security.STARTTLS,
+            tls_context=contexts.get(server.ca_file) if contexts else tls_context(server.ca_file),
+            timeout=TIMEOUT_SECONDS,
+        )
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the connection is still open (it may still be closed by the server)."""
+        return self._client.is_connected
+
+    async def open(self) -> None:
+        """Connect, say EHLO (and STARTTLS) and authenticate.
+
+        Raises:
+            TransientError, PermanentError, AuthError: as ``classify`` says.
+        """
+        try:
+            await self._client.connect()
+            if self._client.is_ehlo_or_helo_needed:  # no STARTTLS: EHLO now, to know SIZE
+                try:
+                    await self._client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await self._client.helo()
+            await _authenticate(self._client, self.login)
+        except Exception as exc:
+            self._client.close()
+            raise classify(exc)(_describe(exc)) from exc
+
+    async def send(
+        self,
+        *,
+        envelope_sender: str,
+        envelope_recipients: tuple[str, ...],
+        content: bytes,
+        message_id: MessageId,
+    ) -> SubmitResult:
+        """Submit ``content`` once in one mail transaction (RFC 5321 §3.3, RFC 6409).
+
+        MAIL FROM carries ``SIZE=`` when the server offers it (RFC 1870);
+        the content is streamed by ``data_chunks``.
+
+        Returns:
+            The 250 reply; ``reply`` names the refused recipients when some were.
+
+        Raises:
+            TransientError: 4xx, timeouts, connection errors (retry later).
+            PermanentError: 5xx other than an auth failure (give up).
+        """
+        try:
+            errors, reply = await self._transaction(envelope_sender, envelope_recipients, content)
+        except Exception as exc:
+            await self._after_failure(exc)
+            raise classify(exc)(_describe(exc)) from exc
+        if errors:
+            refused = ", ".join(f"{r}: {c} {m}" for r, (c, m) in errors.items())
+            reply = f"{reply} (refused: {refused})"
+        return SubmitResult(
+            code=COMPLETED, reply=reply, provider_message_id=provider_message_id(reply, message_id)
+        )
+
+    async def close(self) -> None:
+        """Say QUIT and close; errors are ignored (every message was already answered)."""
+        try:
+            if self._client.is_connected:
+                await self._client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            pass
+        finally:
+            self._client.close()
+
+    async def _transaction(
+        self, sender: str, recipients: tuple[str, ...], content: bytes
+    ) -> tuple[dict[str, tuple[int, str]], str]:
+        client = self._client
+        options = [f"SIZE={normalised_size(content)}"] if client.supports_extension("size") else []
+        await client.mail(sender, options=options)
+        errors: dict[str, tuple[int, str]] = {}
+        refusals: list[aiosmtplib.SMTPRecipientRefused] = []
+        for recipient in recipients:
+            try:
+                await client.rcpt(recipient)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refusals.append(exc)
+                errors[recipient] = (exc.code, exc.message)
+        if len(refusals) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(refusals)
+        return errors, await _stream_data(client, content)
+
+    async def _after_failure(self, exc: Exception) -> None:
+        # As aiosmtplib's sendmail: a refused transaction is reset so the
+        # connection can carry the next message; anything else closes it.
+        if isinstance(exc, aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused):
+            try:
+                await self._client.rset()
+                return
+            except (aiosmtplib.SMTPException, OSError):
+                pass
+        self._client.close()
+
+
+class Submissions:
+    """Open ``Submission``s reused across the sends of one queue run, by server and login.
+
+    A real client keeps its session for the next message: no new TCP/TLS
+    handshake, EHLO and AUTH per message (RFC 5321 §3.3 lets one session
+    carry many transactions). At most ``max_open`` stay open (the least
+    recently used is closed); ``close()`` ends them all with QUIT.
+
+    Args:
+        contexts: shared TLS contexts.
+        max_open: connections kept open at once (≥ 1).
+    """
+
+    def __init__(self, contexts: ClientContexts, max_open: int = 4) -> None:
+        """Start with no connection."""
+        self._contexts = contexts
+        self._max_open = max_open
+        self._open: dict[tuple[SmtpServer, str | None], Submission] = {}
+
+    async def send(
+        self,
+        server: SmtpServer,
+        login: Login,
+        *,
+        envelope_sender: str,
+        envelope_recipients: tuple[str, ...],
+        content: bytes,
+        message_id: MessageId,
+    ) -> SubmitResult:
+        """``Submission.send`` on the open connection for (server, login), opened when needed.
+
+        Raises:
+            TransientError, PermanentError, AuthError: as ``Submission.open``/``send``.
+        """
+        key = (server, None if login is None else f"{type(login).__name__}:{login.username}")
+        submission = self._open.pop(key, None)
+        if submission is None or not submission.is_connected:
+            while len(self._open) >= self._max_open:
+                await self._open.pop(next(iter(self._open))).close()
+            submission = Submission(server, login, self._contexts)
+            await submission.open()
+        try:
+            return await submission.send(
+                envelope_sender=envelope_sender,
+                envelope_recipients=envelope_recipients,
+                content=content,
+                message_id=message_id,
+            )
+        finally:
+            if submission.is_connected:
+                self._open[key] = submission  # most recently used last
+
+    async def close(self) -> None:
+        """QUIT every open connection."""
+        while self._open:
+            await self._open.pop(next(iter(self._open))).close()
+
+
+async def _stream_data(client: aiosmtplib.SMTP, content: bytes) -> str:
+    """DATA → 354 → ``data_chunks(content)`` with flow control → the final reply's text.
+
+    Uses aiosmtplib's public ``execute_command`` and ``SMTPProtocol.write`` /
+    ``read_response``. Waiting for the transport's buffer to drain uses
+    ``SMTPProtocol._drain_helper``, the stdlib flow-control hook that
+    aiosmtplib's ``FlowControlMixin`` keeps for exactly this (5.1.3 has no
+    public streaming DATA). The reply is awaited from before the first
+    chunk, so an early answer (a 552 mid-transfer) stops the writing.
+    """
+    start = await client.execute_command(b"DATA")
+    if start.code != START_MAIL_INPUT:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+    try:
+        for chunk in data_chunks(content):
+            if reply.done():
+                client.close()  # answered before the end of the data: out of step, drop it
+                break
+            protocol.write(chunk)
+            async with asyncio.timeout(TIMEOUT_SECONDS):
+                await protocol._drain_helper()
+        response = await asyncio.wait_for(reply, TIMEOUT_SECONDS)
+    except BaseException:
+        reply.cancel()
+        client.close()
+        raise
+    if response.code != COMPLETED:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response.message
+
+
 async def submit(
     server: SmtpServer,
     login: Login,
@@ -133,8 +424,9 @@ async def submit(
     message_id: MessageId,
     contexts: ClientContexts | None = None,
 ) -> SubmitResult:
-    """Send ``content`` once and return the server's reply (RFC 5321 §3.3, RFC 6409).
+    """Send ``content`` once on a connection of its own and return the server's reply.
 
+    ``Submission`` open → send → close (RFC 5321 §3.3, RFC 6409).
     ``contexts`` shares TLS contexts between sends; None builds one for this send.
 
     Raises:
@@ -142,28 +434,17 @@ async def submit(
         PermanentError: 5xx other than an auth failure (give up).
         AuthError: the server refused the credentials even after one refresh.
     """
-    client = aiosmtplib.SMTP(
-        hostname=server.host,
-        port=server.port,
-        use_tls=server.security == Security.TLS,
-        start_tls=server.security == Security.STARTTLS,
-        tls_context=contexts.get(server.ca_file) if contexts else tls_context(server.ca_file),
-        timeout=TIMEOUT_SECONDS,
-    )
+    submission = Submission(server, login, contexts)
+    await submission.open()
     try:
-        await client.connect()
-        await _authenticate(client, login)
-        errors, reply = await client.sendmail(envelope_sender, envelope_recipients, content)
-        await _quit(client)
-    except Exception as exc:
-        client.close()
-        raise classify(exc)(_describe(exc)) from exc
-    if errors:
-        refused = ", ".join(f"{r}: {c} {m}" for r, (c, m) in errors.items())
-        reply = f"{reply} (refused: {refused})"
-    return SubmitResult(
-        code=250, reply=reply, provider_message_id=provider_message_id(reply, message_id)
-    )
+        return await submission.send(
+            envelope_sender=envelope_sender,
+            envelope_recipients=envelope_recipients,
+            content=content,
+            message_id=message_id,
+        )
+    finally:
+        await submission.close()
 
 
 async def _authenticate(client: aiosmtplib.SMTP, login: Login) -> None:
@@ -177,13 +458,6 @@ async def _authenticate(client: aiosmtplib.SMTP, login: Login) -> None:
                 raise
             # An expired token (Gmail: 535 5.7.8, Outlook: 535 5.7.3): refresh once.
             await client.auth_xoauth2(login.username, await login.token(True))
-
-
-async def _quit(client: aiosmtplib.SMTP) -> None:
-    try:
-        await client.quit()
-    except (aiosmtplib.SMTPException, OSError):
-        client.close()  # the message is already accepted; a failed QUIT changes nothing
 
 
 def classify(exc: BaseException) -> type[Exception]:

@@ -3,10 +3,11 @@
 Sync functions over a ``Session``; they never commit (``Database.run`` does).
 States of a send (``OutboundState``)::
 
-    queued ──(attempt recorded, before DATA)──> sending ──> sent
-      ^                                            │
-      └──── transient failure (next_attempt_at) ───┤
-                                                   └──> failed (permanent, R17, R16)
+    queued ──(attempt recorded, before MAIL FROM)──> sending ──> sent
+      ^                                                  │
+      ├──── transient failure (next_attempt_at) ─────────┤
+      └──── release_sending (marked ahead, never tried) ─┤
+                                                         └──> failed (permanent, R17, R16)
 
 Invariant: a row in ``sending`` after a restart had its attempt recorded but
 its outcome not; ``gateway.outbound`` reconciles it before any resend.
@@ -235,6 +236,23 @@ def mark_failed(
     row.updated_at = now
 
 
+def release_sending(session: Session, outbound_id: int, now: datetime) -> None:
+    """Undo ``mark_sending`` of a send whose attempt never started (``sending → queued``).
+
+    For a send marked ahead of its turn when the run stopped before its
+    MAIL FROM: the attempt is not counted, ``next_attempt_at`` is kept.
+    """
+    session.execute(
+        sa.update(OutboundMessage)
+        .where(OutboundMessage.id == outbound_id, OutboundMessage.state == OutboundState.SENDING)
+        .values(
+            state=OutboundState.QUEUED,
+            attempts=OutboundMessage.attempts - 1,
+            updated_at=now,
+        )
+    )
+
+
 def schedule_retry(
     session: Session,
     outbound_id: int,
@@ -268,6 +286,22 @@ def due_outbound(session: Session, now: datetime, limit: int = 100) -> tuple[int
     )
 
 
+def due_outbound_routes(
+    session: Session, now: datetime, limit: int = 100
+) -> tuple[tuple[int, str | None], ...]:
+    """Return ``(id, route)`` of queued sends due at ``now``, in ``due_outbound``'s order."""
+    rows = session.execute(
+        sa.select(OutboundMessage.id, OutboundMessage.route)
+        .where(
+            OutboundMessage.state == OutboundState.QUEUED,
+            OutboundMessage.next_attempt_at <= now,
+        )
+        .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
+        .limit(limit)
+    )
+    return tuple((row.id, row.route) for row in rows)
+
+
 def in_sending(session: Session) -> tuple[OutboundRecord, ...]:
     """Return every send left in ``sending`` (to reconcile after a restart)."""
     rows = session.scalars(
@@ -297,6 +331,26 @@ def counted_sends_at(
     if exclude_id is not None:
         query = query.where(OutboundMessage.id != exclude_id)
     return tuple(session.scalars(query))
+
+
+def count_sends_at(session: Session, mailbox_id: int, since: datetime, until: datetime) -> int:
+    """Return how many of ``counted_sends_at``'s sends fall in ``(since, until]``.
+
+    One ``COUNT``: the quota check loads the times only when this reaches
+    the daily limit (they then give ``resets_at``); below it, loading a
+    day of sends on every enqueue grew with the day's volume.
+    """
+    at = sa.func.coalesce(OutboundMessage.sent_at, OutboundMessage.created_at)
+    count = session.scalar(
+        sa.select(sa.func.count()).where(
+            OutboundMessage.mailbox_id == mailbox_id,
+            OutboundMessage.route == ROUTE_MAILBOX,
+            OutboundMessage.state != OutboundState.FAILED,
+            at > since,
+            at <= until,
+        )
+    )
+    return int(count or 0)
 
 
 def find_contact(session: Session, subaccount_id: int, email: str) -> int | None:

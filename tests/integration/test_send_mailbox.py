@@ -377,3 +377,33 @@ async def test_r18_provider_files_the_sent_copy_and_we_add_none(
     expected = f"<{record.message_id}>".encode()
     in_sent = [h for h in inbox_message_ids(dovecot, sender, sender.sent_folder) if expected in h]
     assert len(in_sent) == 1
+
+
+async def test_process_due_run_stopped_requeues_the_send_marked_ahead(
+    database: Any,
+    oauth_provider: OAuthProvider,
+    dovecot: Dovecot,
+    submission: SubmissionServer,
+    gmail_user: TestbedUser,
+    imap_password_user: TestbedUser,
+) -> None:
+    env = await make_env(database, oauth_provider, dovecot, submission)
+    await connect(env, Provider.GMAIL, gmail_user)
+    await add_recipient(env, imap_password_user)
+    first, second, third = [
+        await env.outbound.enqueue(request_(imap_password_user, subject=f"Quote {i}"))
+        for i in range(3)
+    ]
+    env.blobs.path(second.raw_sha256 or "").unlink()  # the run stops at the second send
+    with pytest.raises(FileNotFoundError):
+        await env.outbound.process_due()
+    rows = [await env.db.read(repo.get_outbound, r.id) for r in (first, second, third)]
+    assert [(r.state, r.attempts) for r in rows] == [
+        (OutboundState.SENT, 1),  # its outcome was committed while the second one started
+        (OutboundState.SENDING, 1),  # attempt recorded, outcome unknown: reconcile's case
+        (OutboundState.QUEUED, 0),  # marked ahead during the second send, released
+    ]
+    assert await env.outbound.process_due() == 1
+    done = await env.db.read(repo.get_outbound, third.id)
+    assert done.state == OutboundState.SENT and done.attempts == 1
+    assert [len(sent_for(submission, r.message_id)) for r in rows] == [1, 0, 1]

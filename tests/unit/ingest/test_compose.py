@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -15,8 +17,10 @@ from ingest.compose import (
     Draft,
     OutgoingAttachment,
     ParentRef,
+    _marker,
     compose,
     references_for,
+    sanitise_html,
     thread_index,
     thread_topic,
 )
@@ -125,3 +129,62 @@ def test_compose_is_deterministic() -> None:
 def test_compose_refuses_incomplete_drafts(overrides: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=r"\w"):
         compose(draft(**overrides))
+
+
+def _email_package_bytes(d: Draft) -> bytes:
+    """The message built wholly by ``EmailMessage`` (attachments held in it)."""
+    streamed = compose(d)
+    msg = reread(compose(replace(d, attachments=())))  # headers and bodies only
+    reference = EmailMessage(policy=policy.SMTP)
+    for name, value in msg.items():
+        if name.lower() not in ("content-type", "content-transfer-encoding", "mime-version"):
+            reference[name] = value
+    reference.set_content(d.text or "")
+    if d.html is not None:
+        reference.set_content(_plain_of(msg))
+        reference.add_alternative(sanitise_html(d.html), subtype="html")
+    for a in d.attachments:
+        maintype, _, subtype = a.content_type.partition("/")
+        reference.add_attachment(
+            a.payload,
+            maintype=maintype or "application",
+            subtype=subtype or "octet-stream",
+            filename=a.filename,
+        )
+    for depth, part in enumerate(p for p in reference.walk() if p.is_multipart()):
+        boundary = re.search(rb'boundary="(=_mailgate_[0-9a-f]+_)' + str(depth).encode(), streamed)
+        assert boundary is not None
+        part.set_boundary(boundary.group(1).decode() + str(depth))
+    return reference.as_bytes(policy=policy.SMTP)
+
+
+def _plain_of(msg: EmailMessage) -> str:
+    body = msg.get_body(("plain",))
+    assert isinstance(body, EmailMessage)
+    return str(body.get_content())
+
+
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 57_000, 57_001, 200_003])
+def test_streamed_attachments_equal_the_email_package(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    attachments = (
+        OutgoingAttachment(
+            filename="Angebot für Zoë.pdf", content_type="application/pdf", payload=payload
+        ),
+        OutgoingAttachment(filename="empty.txt", content_type="text/plain", payload=b""),
+        OutgoingAttachment(filename="noext", content_type="", payload=payload[::-1]),
+    )
+    for html in (None, "<p>Hi <script>x()</script></p>"):
+        d = draft(attachments=attachments, html=html, text=None if html else "Hi\n.dot\n")
+        assert compose(d) == _email_package_bytes(d)
+
+
+def test_marker_inside_a_body_falls_back_to_the_email_package() -> None:
+    attachment = OutgoingAttachment(
+        filename="a.bin", content_type="application/pdf", payload=b"\x00" * 100
+    )
+    marker = base64.b64encode(_marker(MID, 0)).decode()
+    d = draft(text=f"quoting\n{marker}\n", attachments=(attachment,))
+    raw = compose(d)
+    assert raw == _email_package_bytes(d)
+    assert [a.payload for a in parse_message(raw).attachments] == [b"\x00" * 100]
