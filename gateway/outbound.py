@@ -4,7 +4,9 @@ Edge service. A send is first a committed ``queued`` row (with the composed
 bytes in the blob store), then ``sending`` (the attempt recorded before the
 SMTP session), then ``sent`` or ``failed`` with the server's reply; see the
 state diagram in ``storage/repos/outbound.py`` and docs/sending.md. It does
-not compose (``ingest.compose``) nor judge limits (``ingest.limits``).
+not compose (``ingest.compose``) nor judge limits (``ingest.limits``); a
+queue run's attempts (shared SMTP sessions, rows marked ahead, their order
+of commits) are ``gateway.outbound_run``'s.
 
 Crash policy (``reconcile``): a row found in ``sending`` at start-up is
 looked up in the mailbox's Sent folder by Message-ID: found → ``sent``;
@@ -30,10 +32,11 @@ from tenacity import RetryCallState, Retrying, wait_exponential_jitter
 
 from gateway import outbound_routes as routes
 from gateway.config import Settings
-from gateway.errors import AuthError, PermanentError, TransientError
+from gateway.errors import AuthError, TransientError
 from gateway.mailboxes import MailboxError, MailboxService
-from gateway.sent_folder import append_sent_copy, sent_copy_exists
-from gateway.smtp.sender import ClientContexts, Submissions, SubmitResult
+from gateway.outbound_run import SendRun
+from gateway.sent_folder import sent_copy_exists
+from gateway.smtp.sender import ClientContexts, SubmitResult
 from ingest.compose import Draft, OutgoingAttachment, ParentRef, compose
 from ingest.limits import (
     QUOTA_WINDOW,
@@ -47,6 +50,8 @@ from storage.blobs import BlobStore
 from storage.db import Database
 from storage.models.enums import OutboundKind, OutboundState
 from storage.repos import outbound as repo
+from storage.repos import outbound_lookups as lookups
+from storage.repos import outbound_quota as quota
 from storage.repos.directory import resolve_subaccount
 from storage.repos.mailboxes import member_user_id
 
@@ -157,7 +162,7 @@ class OutboundService:
         sub_id = resolve_subaccount(session, str(request.subaccount))
         user_id = member_user_id(session, request.user, sub_id)
         route = routes.choose_route(session, self._settings, request.kind, user_id, sub_id)
-        contact_id = repo.find_contact(session, sub_id, request.to[0]) if request.to else None
+        contact_id = lookups.find_contact(session, sub_id, request.to[0]) if request.to else None
         if request.kind == OutboundKind.INDIVIDUAL and contact_id is None:
             raise SendRejected(CONTACT_NOT_FOUND, f"{request.to[:1]} is not a contact")
         raw, message_id = self._compose(session, request, user_id, route)
@@ -187,7 +192,7 @@ class OutboundService:
     def _compose(
         self, session: Session, request: SendRequest, user_id: int, route: routes.Route
     ) -> tuple[bytes, MessageId]:
-        name, email = repo.user_name_and_email(session, user_id)
+        name, email = lookups.user_name_and_email(session, user_id)
         sender = route.mailbox.address if route.mailbox else email
         domain = sender.rpartition("@")[2] or "mailgate.invalid"
         message_id = MessageId(f"{secrets.token_hex(16)}@{domain}")
@@ -209,7 +214,7 @@ class OutboundService:
     def _parent(self, session: Session, in_reply_to: MessageId | None) -> ParentRef | None:
         if in_reply_to is None:
             return None
-        parent = repo.find_parent(session, in_reply_to)
+        parent = lookups.find_parent(session, in_reply_to)
         if parent is None:
             return ParentRef(message_id=in_reply_to)
         headers = BytesHeaderParser().parsebytes(self._blobs.get(parent.raw_sha256))
@@ -228,8 +233,8 @@ class OutboundService:
         since = now - QUOTA_WINDOW
         recent: tuple[datetime, ...] = ()  # below the cap the times change nothing
         cap = limits.daily_send_limit
-        if cap is not None and repo.count_sends_at(session, route.mailbox.id, since, now) >= cap:
-            recent = repo.counted_sends_at(session, route.mailbox.id, since)
+        if cap is not None and quota.count_sends_at(session, route.mailbox.id, since, now) >= cap:
+            recent = quota.counted_sends_at(session, route.mailbox.id, since)
         size = SendRequestSize(
             recipient_count=len(_unique((*request.to, *request.cc))),
             message_bytes=len(raw),
@@ -243,124 +248,51 @@ class OutboundService:
     # ------------------------------------------------------------ attempts
 
     async def process_due(self, limit: int = 100) -> int:
-        """Attempt every queued send that is due; return how many were attempted.
+        """Attempt every queued send that is due, oldest first; return how many were due.
 
-        Sends through the same server and login share one SMTP connection
-        (``Submissions``). Each send keeps its own ``sending`` commit before
-        its MAIL FROM and its own outcome commit after the reply, but the
-        database works while the wire does: the previous send's outcome and,
-        for a mailbox send, the next send's ``sending`` are committed while
-        this send is on the wire. A crash then leaves those rows ``sending``,
-        which ``reconcile`` settles as any crash during an attempt (a mailbox
-        send absent from Sent is queued again). Relay sends are marked only
-        just before their own attempt: for them ``reconcile`` cannot ask and
-        gives up (``outcome_unknown``).
+        One ``outbound_run.SendRun``: sends through the same server and
+        login share one SMTP session; each keeps its own ``sending`` commit
+        before its MAIL FROM and its own outcome commit after the reply,
+        overlapped with the neighbouring sends' (see that module for what
+        a crash or an early stop leaves behind).
+
+        Args:
+            limit: at most this many sends in this run (≥ 1).
+
+        Raises:
+            Exception: an unexpected error of one attempt stops the run
+                (edge errors are outcomes, never raised).
         """
         due = await self._db.read(repo.due_outbound_routes, self._clock(), limit)
-        run = _Run(self._tls)
-        outcome: _Outcome | None = None
-        try:
-            for index, (outbound_id, _route) in enumerate(due):
-                following = due[index + 1] if index + 1 < len(due) else None
-                premark = following[0] if following and following[1] == repo.ROUTE_MAILBOX else None
-                previous, outcome = outcome, None  # _attempt commits it, even when it raises
-                outcome = await self._attempt(outbound_id, run, previous, premark)
-        finally:
-            await self._end_run(run, outcome)
+        await self._run().run(due)
         return len(due)
 
     async def process(self, outbound_id: int) -> repo.OutboundRecord:
-        """Make one attempt of a queued send, record its outcome and return the row."""
-        run = _Run(self._tls)
-        outcome: _Outcome | None = None
-        try:
-            outcome = await self._attempt(outbound_id, run, None, None)
-        finally:
-            await self._end_run(run, outcome)
+        """Make one attempt of a queued send, record its outcome and return the row.
+
+        A row that is not ``queued`` (another worker has it, or it is done)
+        is returned as it is. Raises ``storage.errors.NotFound`` for an unknown id.
+        """
+        await self._run().run(((outbound_id, None),))
         return await self._db.read(repo.get_outbound, outbound_id)
 
-    async def _attempt(
-        self, outbound_id: int, run: _Run, previous: _Outcome | None, premark: int | None
-    ) -> _Outcome | None:
-        """``queued → sending`` committed, then one submission; return the outcome to commit.
-
-        Meanwhile, on the database thread and in this order: ``previous``
-        (the last send's outcome) is committed, then ``premark``'s
-        ``sending``; both are awaited before returning. Returns None when
-        the row was not ``queued`` (another worker took it).
-        """
-        marking = run.marking.pop(outbound_id, None) or self._mark(outbound_id)
-        committing = (
-            asyncio.ensure_future(self._db.run(previous.commit, previous.now))
-            if previous is not None
-            else None
-        )
-        outcome: _Outcome | None = None
-        try:
-            record = await marking
-            if premark is not None:
-                run.marking[premark] = self._mark(premark)
-            if record is not None:
-                outcome = await self._submit(record, run)
-        finally:
-            if committing is not None:
-                try:
-                    await committing
-                except BaseException:
-                    if outcome is not None:  # this send's outcome is not lost with the other
-                        await self._db.run(outcome.commit, outcome.now)
-                    raise
-        return outcome
-
-    def _mark(self, outbound_id: int) -> asyncio.Future[repo.OutboundRecord | None]:
-        return asyncio.ensure_future(self._db.run(repo.mark_sending, outbound_id, self._clock()))
-
-    async def _end_run(self, run: _Run, outcome: _Outcome | None) -> None:
-        """Commit the last outcome, queue again any send marked but not attempted, QUIT."""
-        try:
-            if outcome is not None:
-                await self._db.run(outcome.commit, outcome.now)
-        finally:
-            try:
-                for outbound_id, marking in run.marking.items():
-                    if await marking is not None:
-                        await self._db.run(repo.release_sending, outbound_id, self._clock())
-            finally:
-                await run.submissions.close()
-
-    async def _submit(self, record: repo.OutboundRecord, run: _Run) -> _Outcome:
-        content = await asyncio.to_thread(self._blobs.get, record.raw_sha256 or "")
-        try:
-            key = (record.route, record.mailbox_id, record.user_id)
-            target = run.targets.get(key)
-            if target is None:
-                target = run.targets[key] = await self._target(record)
-            result = await run.submissions.send(
-                target.server,
-                target.login,
-                envelope_sender=target.envelope_sender,
-                envelope_recipients=record.recipients,
-                content=content,
-                message_id=record.message_id,
-            )
-            if target.append_access is not None:
-                await asyncio.to_thread(
-                    append_sent_copy, target.append_access, content, self._clock()
-                )
-        except (TransientError, PermanentError, AuthError, MailboxError) as exc:
-            return _Outcome(
-                commit=functools.partial(self._failed_attempt, record=record, exc=exc),
-                now=self._clock(),
-            )
-        return _Outcome(
-            commit=functools.partial(
+    def _run(self) -> SendRun:
+        return SendRun(
+            self._db,
+            self._tls,
+            self._blobs,
+            target=self._target,
+            sent=lambda record, content, result: functools.partial(
                 self._finish_sent, record=record, content=content, result=result
             ),
-            now=self._clock(),
+            failed=lambda record, exc: functools.partial(
+                self._failed_attempt, record=record, exc=exc
+            ),
+            clock=self._clock,
         )
 
     async def _target(self, record: repo.OutboundRecord) -> routes.Target:
-        name_email = await self._db.read(repo.user_name_and_email, record.user_id)
+        name_email = await self._db.read(lookups.user_name_and_email, record.user_id)
         return await routes.target_of(self._settings, self._mailboxes, record, name_email[1])
 
     def _failed_attempt(
@@ -464,28 +396,6 @@ class OutboundService:
     ) -> None:
         repo.mark_failed(session, record.id, now, code=OUTCOME_UNKNOWN, error=error)
         self._emit_failed(session, repo.get_outbound(session, record.id), now)
-
-
-class _Run:
-    """What the sends of one queue run share: SMTP connections and targets.
-
-    A target (server, login, mailbox state check) is looked up once per
-    (route, mailbox, user) and run; a run lasts seconds, and a mailbox
-    disconnected meanwhile fails at the server (AUTH) like any other.
-    """
-
-    def __init__(self, tls: ClientContexts) -> None:
-        self.submissions = Submissions(tls)
-        self.targets: dict[tuple[str | None, int | None, int], routes.Target] = {}
-        self.marking: dict[int, asyncio.Future[repo.OutboundRecord | None]] = {}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Outcome:
-    """What one attempt ended with: ``commit(session, now)`` records it (sent, retry or failed)."""
-
-    commit: Callable[[Session, datetime], None]
-    now: datetime
 
 
 def _unique(addresses: tuple[str, ...]) -> tuple[str, ...]:

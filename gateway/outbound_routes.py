@@ -49,6 +49,7 @@ from ingest.types import (
 from storage.blobs import BlobStore
 from storage.models.enums import OutboundKind
 from storage.repos import outbound as repo
+from storage.repos import outbound_lookups as lookups
 from storage.repos.mailboxes import MailboxRecord, active_mailbox
 from storage.repos.messages import add_provider_message_id, apply_decision
 from storage.repos.threads import claim_thread
@@ -134,28 +135,42 @@ async def target_of(
 ) -> Target:
     """Return the SMTP server, login and IMAP access of one queued send.
 
+    Relay sends (R16) use ``[relay]`` with the user's login email as
+    envelope sender; mailbox sends use the mailbox's provider settings
+    (XOAUTH2 for Gmail/Outlook, a password for generic IMAP, R1).
+
     Raises:
         MailboxError: the mailbox is no longer connected (``not_connected``, ``reauth_required``).
     """
     if record.route != repo.ROUTE_MAILBOX or record.mailbox_id is None:
-        relay = settings.relay
-        login: Login = None
-        if relay.username is not None:
-            password = relay.password.get_secret_value() if relay.password else ""
-            login = PasswordLogin(username=relay.username, password=password)
-        server = SmtpServer(
-            host=relay.host or "", port=relay.port, security=relay.security, ca_file=relay.ca_file
-        )
-        return Target(
-            server=server,
-            login=login,
-            envelope_sender=user_email,
-            append_access=None,
-            search_access=None,
-        )
+        return _relay_target(settings, user_email)
     mailbox = await mailboxes.get(record.mailbox_id)
     if mailbox.provider == Provider.IMAP:
         return await _password_target(settings, mailboxes, mailbox)
+    return await _oauth_target(settings, mailboxes, mailbox)
+
+
+def _relay_target(settings: Settings, user_email: str) -> Target:
+    relay = settings.relay
+    login: Login = None
+    if relay.username is not None:
+        password = relay.password.get_secret_value() if relay.password else ""
+        login = PasswordLogin(username=relay.username, password=password)
+    server = SmtpServer(
+        host=relay.host or "", port=relay.port, security=relay.security, ca_file=relay.ca_file
+    )
+    return Target(
+        server=server,
+        login=login,
+        envelope_sender=user_email,
+        append_access=None,
+        search_access=None,
+    )
+
+
+async def _oauth_target(
+    settings: Settings, mailboxes: MailboxService, mailbox: MailboxRecord
+) -> Target:
     section = provider_settings(settings, mailbox.provider)
     mailbox_id = mailbox.id
 
@@ -246,7 +261,7 @@ def store_conversation_copy(
         RawMessage(raw=content, provenance=envelope, sha256=record.raw_sha256 or _sha256(content))
     )
     parent_thread = _parent_thread(session, prepared)
-    pk = repo.message_by_identity(session, prepared.identity.key)
+    pk = lookups.message_by_identity(session, prepared.identity.key)
     if pk is None:
         pk = apply_decision(session, _decision(prepared, record, parent_thread, now), blobs)
     if pk is not None and provider_message_id is not None:
@@ -340,7 +355,7 @@ def _sha256(data: bytes) -> str:
 def _parent_thread(session: Session, prepared: Prepared) -> ThreadId | None:
     """The stored thread the send answers: its nearest stored ancestor's (R11)."""
     for mid in reversed(prepared.links.ancestors):  # the direct parent first
-        parent = repo.find_parent(session, mid)
+        parent = lookups.find_parent(session, mid)
         if parent is not None:
             return ThreadId(parent.thread_id)
     return None

@@ -13,9 +13,9 @@ Session::
       → { MAIL FROM (SIZE=) → RCPT TO … → DATA → 354 → content in chunks
           → "." → 250 (reply parsed) | error → RSET } …  → QUIT
 
-DATA is streamed (``data_chunks``): aiosmtplib 5.1.3's ``data()`` makes
-three whole copies of the content (line ends, dot-stuffing, terminator)
-and ``sendmail`` a fourth for SIZE; a 25 MB message cost ~122 MB there.
+DATA is streamed by ``gateway.smtp.data`` (line ends, dot-stuffing, SIZE,
+flow control) rather than by aiosmtplib's ``data()``, which copies the
+whole content several times.
 
 Errors are turned into ``TransientError`` / ``PermanentError`` /
 ``AuthError`` by ``classify`` (STYLE.md §7).
@@ -23,10 +23,9 @@ Errors are turned into ``TransientError`` / ``PermanentError`` /
 
 from __future__ import annotations
 
-import asyncio
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +33,11 @@ import aiosmtplib
 
 from gateway.config import Security
 from gateway.errors import AuthError, PermanentError, TransientError
+from gateway.smtp.data import COMPLETED, normalised_size, stream_data
 from ingest.types import MessageId
 
 TIMEOUT_SECONDS = 60.0
 AUTH_FAILED = 535
-START_MAIL_INPUT = 354
-COMPLETED = 250
-DATA_CHUNK_BYTES = 64 * 1024
-"""Content bytes normalised, dot-stuffed and written per step of DATA."""
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")  # aiosmtplib.protocol.LINE_ENDINGS_REGEX
 # Exchange Online: "250 2.6.0 <NEW@host> [InternalId=…] Queued mail for delivery".
 _REPLY_MESSAGE_ID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>")
 
@@ -135,69 +130,6 @@ def provider_message_id(reply: str, ours: MessageId) -> MessageId | None:
     return MessageId(match.group(1))
 
 
-def normalised_chunks(content: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
-    """Yield ``content`` with every line ending made CRLF, ending in CRLF (RFC 5321 §2.3.8).
-
-    Lone CR and lone LF become CRLF, as ``aiosmtplib``'s
-    ``normalize_message_line_endings`` does; content not ending in CRLF
-    (including empty content) gets one. A CR at the end of a chunk is held
-    back to the next one, so a CRLF split across chunks stays one line end.
-
-    Args:
-        content: the message; read through a ``memoryview``, never copied whole.
-        chunk_bytes: how much of ``content`` each step reads (≥ 1).
-
-    Returns:
-        An iterator of non-empty chunks, each at most ``chunk_bytes`` + 1
-        bytes of input long before normalisation.
-    """
-    view = memoryview(content)
-    carry = b""
-    ends_with_crlf = False
-    for start in range(0, len(view), chunk_bytes):
-        piece = carry + view[start : start + chunk_bytes].tobytes()
-        carry = b""
-        if piece.endswith(b"\r") and start + chunk_bytes < len(view):
-            piece, carry = piece[:-1], b"\r"
-        normalised = _LINE_ENDINGS.sub(b"\r\n", piece)
-        if normalised:
-            ends_with_crlf = normalised.endswith(b"\r\n")
-            yield normalised
-    if not ends_with_crlf:
-        yield b"\r\n"
-
-
-def data_chunks(content: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
-    """Yield what goes on the wire after ``354``: the mail data, dot-stuffed, then ``.CRLF``.
-
-    Follows RFC 5321 §4.5.2 (a line starting with "." gets one more "."),
-    §4.1.1.4 (the data ends with CRLF "." CRLF) and §2.3.8 (CRLF line
-    ends, see ``normalised_chunks``). The concatenation equals, byte for
-    byte, what ``aiosmtplib.SMTP.data`` 5.1.3 writes for the same content.
-
-    Args:
-        content: the message bytes (RFC 5322).
-        chunk_bytes: how much of ``content`` each chunk covers.
-
-    Returns:
-        An iterator of non-empty chunks; the last one is ``b".\\r\\n"``.
-    """
-    at_line_start = True
-    for chunk in normalised_chunks(content, chunk_bytes):
-        stuffed = chunk.replace(b"\n.", b"\n..")  # every "\n" ends a line after normalising
-        yield b"." + stuffed if at_line_start and chunk.startswith(b".") else stuffed
-        at_line_start = chunk.endswith(b"\n")
-    yield b".\r\n"
-
-
-def normalised_size(content: bytes) -> int:
-    """Return the SIZE of ``content`` as transmitted (RFC 1870 §3: CRLF line ends, no stuffing)."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\r") == crlf == content.count(b"\n") and content.endswith(b"\r\n"):
-        return len(content)  # CRLF throughout (every composed message): counted without a copy
-    return sum(len(chunk) for chunk in normalised_chunks(content))
-
-
 class Submission:
     """One SMTP connection to ``server``, logged in, that submits messages one after another.
 
@@ -260,7 +192,7 @@ class Submission:
         """Submit ``content`` once in one mail transaction (RFC 5321 §3.3, RFC 6409).
 
         MAIL FROM carries ``SIZE=`` when the server offers it (RFC 1870);
-        the content is streamed by ``data_chunks``.
+        the content is streamed by ``gateway.smtp.data.stream_data``.
 
         Returns:
             The 250 reply; ``reply`` names the refused recipients when some were.
@@ -307,7 +239,7 @@ class Submission:
                 errors[recipient] = (exc.code, exc.message)
         if len(refusals) == len(recipients):
             raise aiosmtplib.SMTPRecipientsRefused(refusals)
-        return errors, await _stream_data(client, content)
+        return errors, await stream_data(client, content, TIMEOUT_SECONDS)
 
     async def _after_failure(self, exc: Exception) -> None:
         # As aiosmtplib's sendmail: a refused transaction is reset so the
@@ -377,41 +309,6 @@ class Submissions:
         """QUIT every open connection."""
         while self._open:
             await self._open.pop(next(iter(self._open))).close()
-
-
-async def _stream_data(client: aiosmtplib.SMTP, content: bytes) -> str:
-    """DATA → 354 → ``data_chunks(content)`` with flow control → the final reply's text.
-
-    Uses aiosmtplib's public ``execute_command`` and ``SMTPProtocol.write`` /
-    ``read_response``. Waiting for the transport's buffer to drain uses
-    ``SMTPProtocol._drain_helper``, the stdlib flow-control hook that
-    aiosmtplib's ``FlowControlMixin`` keeps for exactly this (5.1.3 has no
-    public streaming DATA). The reply is awaited from before the first
-    chunk, so an early answer (a 552 mid-transfer) stops the writing.
-    """
-    start = await client.execute_command(b"DATA")
-    if start.code != START_MAIL_INPUT:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    reply = asyncio.ensure_future(protocol.read_response(timeout=None))
-    try:
-        for chunk in data_chunks(content):
-            if reply.done():
-                client.close()  # answered before the end of the data: out of step, drop it
-                break
-            protocol.write(chunk)
-            async with asyncio.timeout(TIMEOUT_SECONDS):
-                await protocol._drain_helper()
-        response = await asyncio.wait_for(reply, TIMEOUT_SECONDS)
-    except BaseException:
-        reply.cancel()
-        client.close()
-        raise
-    if response.code != COMPLETED:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    return response.message
 
 
 async def submit(

@@ -11,6 +11,9 @@ States of a send (``OutboundState``)::
 
 Invariant: a row in ``sending`` after a restart had its attempt recorded but
 its outcome not; ``gateway.outbound`` reconciles it before any resend.
+
+R17's quota counts are in ``outbound_quota``; what a send reads from other
+tables (contact, parent message, user) is in ``outbound_lookups``.
 """
 
 from __future__ import annotations
@@ -23,16 +26,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from ingest.normalise import address_key
 from ingest.types import MessageId
 from storage.errors import NotFound
 from storage.models import (
-    Contact,
-    KnownMessageId,
-    Message,
-    MessageReference,
     OutboundMessage,
-    User,
     WebhookDelivery,
 )
 from storage.models.enums import OutboundKind, OutboundState, WebhookState
@@ -312,57 +309,6 @@ def in_sending(session: Session) -> tuple[OutboundRecord, ...]:
     return tuple(_record(r) for r in rows)
 
 
-def counted_sends_at(
-    session: Session, mailbox_id: int, since: datetime, *, exclude_id: int | None = None
-) -> tuple[datetime, ...]:
-    """Return the times of a mailbox's sends that count against R17's daily quota.
-
-    Counted: ``sent`` rows by ``sent_at``, and ``queued``/``sending`` rows by
-    ``created_at`` (they will go out), all after ``since``. Failed ones are
-    not counted.
-    """
-    at = sa.func.coalesce(OutboundMessage.sent_at, OutboundMessage.created_at)
-    query = sa.select(at).where(
-        OutboundMessage.mailbox_id == mailbox_id,
-        OutboundMessage.route == ROUTE_MAILBOX,
-        OutboundMessage.state != OutboundState.FAILED,
-        at > since,
-    )
-    if exclude_id is not None:
-        query = query.where(OutboundMessage.id != exclude_id)
-    return tuple(session.scalars(query))
-
-
-def count_sends_at(session: Session, mailbox_id: int, since: datetime, until: datetime) -> int:
-    """Return how many of ``counted_sends_at``'s sends fall in ``(since, until]``.
-
-    One ``COUNT``: the quota check loads the times only when this reaches
-    the daily limit (they then give ``resets_at``); below it, loading a
-    day of sends on every enqueue grew with the day's volume.
-    """
-    at = sa.func.coalesce(OutboundMessage.sent_at, OutboundMessage.created_at)
-    count = session.scalar(
-        sa.select(sa.func.count()).where(
-            OutboundMessage.mailbox_id == mailbox_id,
-            OutboundMessage.route == ROUTE_MAILBOX,
-            OutboundMessage.state != OutboundState.FAILED,
-            at > since,
-            at <= until,
-        )
-    )
-    return int(count or 0)
-
-
-def find_contact(session: Session, subaccount_id: int, email: str) -> int | None:
-    """Return the contact of ``email`` in the sub-account (R10: assigned, then newest), or None."""
-    return session.scalar(
-        sa.select(Contact.id)
-        .where(Contact.subaccount_id == subaccount_id, Contact.address_key == address_key(email))
-        .order_by(Contact.assigned_user_id.is_(None), Contact.updated_at.desc(), Contact.id.desc())
-        .limit(1)
-    )
-
-
 # ------------------------------------------------------------------ webhooks
 
 
@@ -429,59 +375,3 @@ def record_webhook_attempt(
     row.state = state
     row.next_attempt_at = next_attempt_at
     row.last_error = error
-
-
-# ------------------------------------------------------------------ messages
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ParentMessage:
-    """A stored message a CRM send replies to (R11).
-
-    Attributes:
-        references: the ids it cites, oldest first (``message_references``).
-    """
-
-    message_pk: int
-    message_id: MessageId
-    thread_id: int
-    references: tuple[MessageId, ...]
-    raw_sha256: str
-
-
-def find_parent(session: Session, message_id: MessageId) -> ParentMessage | None:
-    """Return the stored message known by ``message_id`` (own or provider id), or None."""
-    row = session.execute(
-        sa.select(Message.id, Message.message_id, Message.thread_id, Message.raw_sha256)
-        .join(KnownMessageId, KnownMessageId.message_pk == Message.id)
-        .where(KnownMessageId.message_id == message_id)
-        .order_by(Message.id)
-        .limit(1)
-    ).first()
-    if row is None:
-        return None
-    refs = session.scalars(
-        sa.select(MessageReference.referenced_message_id)
-        .where(MessageReference.message_pk == row.id)
-        .order_by(MessageReference.position)
-    )
-    return ParentMessage(
-        message_pk=row.id,
-        message_id=MessageId(row.message_id or message_id),
-        thread_id=row.thread_id,
-        references=tuple(MessageId(r) for r in refs),
-        raw_sha256=row.raw_sha256,
-    )
-
-
-def message_by_identity(session: Session, identity_key: str) -> int | None:
-    """Return the pk of the stored message with ``identity_key`` (R12), or None."""
-    return session.scalar(sa.select(Message.id).where(Message.identity_key == identity_key))
-
-
-def user_name_and_email(session: Session, user_id: int) -> tuple[str, str]:
-    """Return ``(name, email)`` of a user (raises ``NotFound``)."""
-    row = session.get(User, user_id)
-    if row is None:
-        raise NotFound(f"user {user_id} not found")
-    return row.name, row.email

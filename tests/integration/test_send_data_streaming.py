@@ -1,4 +1,4 @@
-"""DATA streamed by gateway.smtp.sender, seen on the wire of a raw loopback SMTP server.
+"""DATA streamed by gateway.smtp.data, seen on the wire of a raw loopback SMTP server.
 
 The server below records the exact bytes between ``354`` and the
 terminator, so the comparison with aiosmtplib's own ``sendmail`` is byte

@@ -6,6 +6,7 @@ Real OAuth2 server, Dovecot and submission server; SQLite in ``tmp_path``.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from storage.db import Database
 from storage.migrate import upgrade
 from storage.models.enums import OutboundKind, OutboundState
 from storage.repos import outbound as repo
+from storage.repos import outbound_lookups as lookups
 from storage.repos.conversations import conversation_view
 from storage.repos.directory import add_contact, add_subaccount, add_user
 from tests.integration.send_env import SUBACCOUNT, USER_EMAIL, SendEnv, build, connect
@@ -146,7 +148,7 @@ async def test_r11_exchange_rewritten_message_id_both_ids_stored(
         )
     )
     assert sorted(ids) == sorted([(record.message_id, "own"), (tx.message_id, "provider")])
-    parent = await env.db.read(repo.find_parent, MessageId(tx.message_id))
+    parent = await env.db.read(lookups.find_parent, MessageId(tx.message_id))
     assert parent is not None and parent.message_pk == record.message_pk
 
 
@@ -407,3 +409,38 @@ async def test_process_due_run_stopped_requeues_the_send_marked_ahead(
     done = await env.db.read(repo.get_outbound, third.id)
     assert done.state == OutboundState.SENT and done.attempts == 1
     assert [len(sent_for(submission, r.message_id)) for r in rows] == [1, 0, 1]
+
+
+async def test_attempt_cancelled_while_marking_leaves_the_send_queued(
+    database: Any,
+    tmp_path: Path,
+    oauth_provider: OAuthProvider,
+    dovecot: Dovecot,
+    submission: SubmissionServer,
+    gmail_user: TestbedUser,
+    imap_password_user: TestbedUser,
+) -> None:
+    """A run stopped (cancelled: shutdown) before MAIL FROM leaves no row ``sending``.
+
+    ``mark_sending`` runs on the database thread and commits even when the
+    awaiting task is cancelled; the run must still release the row, or a
+    restart would take a never-tried send for a crash during its attempt.
+    """
+    env = await make_env(database, oauth_provider, dovecot, submission)
+    await connect(env, Provider.GMAIL, gmail_user)
+    await add_recipient(env, imap_password_user)
+    record = await env.outbound.enqueue(request_(imap_password_user))
+    lock = sqlite3.connect(tmp_path / "mailgate.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # mark_sending waits for this write lock (busy_timeout)
+        attempt = asyncio.create_task(env.outbound.process(record.id))
+        await asyncio.sleep(0.2)
+        attempt.cancel()
+    finally:
+        lock.rollback()
+        lock.close()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    row = await env.db.read(repo.get_outbound, record.id)
+    assert (row.state, row.attempts) == (OutboundState.QUEUED, 0)
+    assert sent_for(submission, record.message_id) == []

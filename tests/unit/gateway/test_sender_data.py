@@ -1,4 +1,4 @@
-"""DATA streaming in gateway.smtp.sender: the bytes aiosmtplib 5.1.3 writes (RFC 5321 §4.5.2)."""
+"""DATA streaming in gateway.smtp.data: the bytes aiosmtplib 5.1.3 writes (RFC 5321 §4.5.2)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from gateway.smtp.sender import data_chunks, normalised_chunks, normalised_size
+from gateway.smtp.data import data_chunks, normalised_chunks, normalised_size
 
 
 def aiosmtplib_data(content: bytes) -> bytes:
