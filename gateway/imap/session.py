@@ -25,6 +25,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from asyncio import sslproto
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -72,6 +73,16 @@ KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
 WAKE = b"WAKE"
 """Marker ``wake`` puts in aioimaplib's IDLE queue (never sent on the wire)."""
 
+TLS_READ_BUFFER_BYTES = 32 * 1024
+"""Size of each TLS connection's socket read buffer (bytes), down from asyncio's 256 KiB.
+
+CPython 3.11–3.13's ``asyncio.sslproto.SSLProtocol`` gives every TLS
+connection a zero-filled ``bytearray(256 KiB)`` (``max_size``), resident
+for the connection's life: 2,000 idle sessions would hold 500 MiB of empty
+buffers. A TLS record carries at most 16 KiB (RFC 8446 §5.1), so 32 KiB
+still takes two records per socket read; bulk FETCH speed is unchanged
+(docs/imap.md, "Memory per session")."""
+
 T = TypeVar("T")
 
 
@@ -101,6 +112,48 @@ class Endpoint:
     ca_file: Path | None = None
     timeout_seconds: float = COMMAND_TIMEOUT_SECONDS
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
+def tls_buffer_shrink_supported() -> bool:
+    """Whether this Python's asyncio TLS protocol has the buffer ``_shrink_tls_buffer`` resizes.
+
+    True on CPython 3.11–3.13 (``asyncio.sslproto.SSLProtocol.max_size`` and
+    ``get_buffer``). The supervisor logs a warning once when it is False;
+    the sessions then keep asyncio's default buffer (more memory, same
+    behaviour).
+    """
+    protocol = getattr(sslproto, "SSLProtocol", None)
+    return isinstance(getattr(protocol, "max_size", None), int) and hasattr(protocol, "get_buffer")
+
+
+def _shrink_tls_buffer(transport: Any, size_bytes: int | None = None) -> bool:
+    """Give one TLS connection a ``size_bytes`` read buffer instead of asyncio's 256 KiB.
+
+    Per connection and after the handshake, never a process-wide patch
+    (STYLE.md §4): the instance's ``max_size`` caps what ``get_buffer``
+    hands the socket transport and what ``_do_read__copied`` asks OpenSSL
+    for; the old buffer is dropped. ``get_buffer`` and ``buffer_updated``
+    read ``_ssl_buffer`` / ``_ssl_buffer_view`` afresh at every call, so the
+    swap is safe between reads (the event loop is not inside them here).
+
+    Returns:
+        True when the buffer was replaced; False when the transport is not
+        asyncio's TLS transport or its private attributes are absent
+        (another Python or event loop): nothing is changed then.
+    """
+    size_bytes = TLS_READ_BUFFER_BYTES if size_bytes is None else size_bytes
+    ssl_protocol: Any = getattr(transport, "_ssl_protocol", None)
+    buffer = getattr(ssl_protocol, "_ssl_buffer", None)
+    if not isinstance(buffer, bytearray) or not hasattr(ssl_protocol, "_ssl_buffer_view"):
+        return False
+    if not isinstance(getattr(ssl_protocol, "max_size", None), int):
+        return False
+    if len(buffer) > size_bytes:
+        new = bytearray(size_bytes)
+        ssl_protocol.max_size = size_bytes
+        ssl_protocol._ssl_buffer = new
+        ssl_protocol._ssl_buffer_view = memoryview(new)
+    return True
 
 
 def make_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -176,6 +229,8 @@ class ImapSession:
                 loop.create_connection(lambda: protocol, endpoint.host, endpoint.port, ssl=tls),
                 endpoint.timeout_seconds,
             )
+            if tls is not None:
+                _shrink_tls_buffer(protocol.transport)
             await session._race(protocol.wait("AUTH|NONAUTH"))
             _keepalive(protocol.transport)
             if endpoint.security is Security.STARTTLS:
@@ -203,7 +258,19 @@ class ImapSession:
             self._endpoint.timeout_seconds,
         )
         proto.transport = transport
+        _shrink_tls_buffer(transport)
         await self._race(proto.capability())
+
+    @property
+    def tls_read_buffer_bytes(self) -> int | None:
+        """Length of this connection's asyncio TLS read buffer (bytes); None if not TLS.
+
+        ``TLS_READ_BUFFER_BYTES`` once ``_shrink_tls_buffer`` worked (observability
+        and the memory test read it).
+        """
+        ssl_protocol = getattr(self._proto.transport, "_ssl_protocol", None)
+        buffer = getattr(ssl_protocol, "_ssl_buffer", None)
+        return len(buffer) if isinstance(buffer, bytearray) else None
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -459,4 +526,5 @@ __all__ = [
     "Line",
     "LoginRejected",
     "SelectInfo",
+    "tls_buffer_shrink_supported",
 ]

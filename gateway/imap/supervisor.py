@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.config import Security, Settings
-from gateway.imap.session import Endpoint, make_ssl_context
+from gateway.imap.session import Endpoint, make_ssl_context, tls_buffer_shrink_supported
 from gateway.imap.watcher import (
     FOLDER_ROLES,
     FolderWatcher,
@@ -54,6 +54,18 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_SECONDS = 10.0
 """How long ``stop`` waits for a watcher's DONE + LOGOUT before cancelling it."""
+
+CONNECT_CONCURRENCY = 16
+"""Watchers connecting (TCP + TLS handshake + login) at once; the others wait their turn.
+
+Bounds the login storm at start-up (2,000 sessions for 1,000 mailboxes)
+and, with it, the peak of asyncio's 256 KiB per-handshake TLS buffers that
+glibc would otherwise keep as freed-but-resident heap (docs/imap.md,
+"Memory per session"), and the token refreshes a cold start may need.
+Not a config key: a slot is held only for one connection's own round trips
+(TCP, TLS, greeting, AUTHENTICATE, CAPABILITY: ~5 RTT), so 2,000 sessions
+start in ~30 s on the loaded 2-core bench machine and in about a minute
+at a provider 100 ms away."""
 
 CONNECTIONS_PER_ACCOUNT = len(FOLDER_ROLES)
 """IMAP connections one provider account uses (Gmail allows 15 per account)."""
@@ -174,6 +186,7 @@ class ImapSupervisor:
             metrics=metrics,
             sleep=sleep,
             rng=rng or random.Random(),  # noqa: S311 (jitter, not security)
+            connect_slots=asyncio.Semaphore(CONNECT_CONCURRENCY),
         )
         self._watchers: dict[tuple[MailboxId, str], tuple[FolderWatcher, asyncio.Task[None]]] = {}
         self._lock = asyncio.Lock()
@@ -185,6 +198,11 @@ class ImapSupervisor:
 
     async def start(self) -> None:
         """Start watchers for every connected mailbox and follow state changes."""
+        if not tls_buffer_shrink_supported():
+            log.warning(
+                "asyncio TLS read buffer cannot be shrunk on this Python:"
+                " each TLS session keeps 256 KiB (docs/imap.md)"
+            )
         self._service.add_listener(self._on_change)
         await self.reconcile()
 

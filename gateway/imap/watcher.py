@@ -29,10 +29,11 @@ stored. Nothing older is replayed as new.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -147,7 +148,11 @@ Deliver = Callable[[Sequence[tuple[bytes, ImapOrigin]], int], Awaitable[list[Int
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatcherConfig:
-    """Timing (``[sync]``), limits, metrics and the injected clock, sleep and randomness."""
+    """Timing (``[sync]``), limits, metrics and the injected clock, sleep and randomness.
+
+    ``connect_slots`` (shared by every watcher of one supervisor) bounds how
+    many watchers connect + handshake + log in at once; None: no bound.
+    """
 
     idle_renew_seconds: float = 600.0
     backoff_max_seconds: float = 300.0
@@ -158,6 +163,7 @@ class WatcherConfig:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
+    connect_slots: asyncio.Semaphore | None = field(default=None, compare=False)
 
 
 class FolderWatcher:
@@ -287,12 +293,25 @@ class FolderWatcher:
             sleeper.cancel()
             stopper.cancel()
 
+    @contextlib.asynccontextmanager
+    async def _connect_slot(self) -> AsyncIterator[None]:
+        """Hold one of the supervisor's ``connect_slots`` (no-op when unbounded)."""
+        slots = self._config.connect_slots
+        if slots is None:
+            yield
+            return
+        async with slots:
+            yield
+
     async def _connected_pass(self) -> None:
         self.state = WatcherState.CONNECTING
-        session = await ImapSession.open(self.target.endpoint)
-        self._session = session
-        self.state = WatcherState.AUTHENTICATING
-        await self._authenticate(session)
+        async with self._connect_slot():
+            if self._stopping:
+                return  # stopped while waiting for a slot: do not connect at all
+            session = await ImapSession.open(self.target.endpoint)
+            self._session = session
+            self.state = WatcherState.AUTHENTICATING
+            await self._authenticate(session)
         self.state = WatcherState.SELECTING
         folder = await self._resolve_folder(session)
         uidvalidity = await self._select(session, folder)

@@ -66,9 +66,21 @@ class Dovecot:
 
     host = "127.0.0.1"
 
-    def __init__(self, keys: TokenKeys, *, root: Path | None = None) -> None:
-        """Prepare (not start) an instance; ``root`` defaults to a new temp dir."""
+    def __init__(
+        self, keys: TokenKeys, *, root: Path | None = None, extra_config: str = ""
+    ) -> None:
+        """Prepare (not start) an instance; ``root`` defaults to a new temp dir.
+
+        Args:
+            keys: signs the tokens this instance accepts.
+            root: the instance directory; a new temp dir when None.
+            extra_config: appended to the rendered ``dovecot.conf``; a later
+                ``service imap { … }`` block overrides single settings of the
+                earlier one (used by bench/bench_imap.py for 2,000 sessions).
+                Empty (the tests' default): the config is unchanged.
+        """
         self.keys = keys
+        self.extra_config = extra_config
         keys.on_retire(self.reload_auth)
         self.root = root or Path(tempfile.mkdtemp(prefix="mailgate-dovecot-"))
         self.name = f"tb-{uuid.uuid4().hex[:8]}"
@@ -101,7 +113,7 @@ class Dovecot:
                 imap, imaps, lmtp = free_ports(3)
                 self.ports = cfg.DovecotPorts(imap=imap, imaps=imaps, lmtp=lmtp)
             (self.root / "dovecot.conf").write_text(
-                cfg.render_config(self.root, self.ports, self.name)
+                cfg.render_config(self.root, self.ports, self.name) + self.extra_config
             )
             if self._spawn_and_wait():
                 return
