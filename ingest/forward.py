@@ -118,6 +118,7 @@ _MARKER_HINT = re.compile(
 )
 # In markup a marker line starts after tags, so nothing is anchored.
 _HTML_MARKER_HINT = re.compile(r"-{3,}|_{10,}|begin|anfang|d[ée]but|inicio", re.I)
+_HTML_MARKER_WORDS = ("---", "_" * 10, "begin", "anfang", "debut", "inicio")
 _REQUIRED_ANY = frozenset(("subject", "date"))
 
 
@@ -157,12 +158,27 @@ def find_forwarded(parsed: ParsedMessage) -> ForwardedOriginal | None:
     # the HTML's mailto link). Rendering every HTML body cost 40 % of prepare().
     if parsed.html_body and (not parsed.text_body or forward_subject):
         head = parsed.html_body[:MAX_FORWARD_HTML_CHARS]
-        if not forward_subject and _HTML_MARKER_HINT.search(head) is None:
+        if not forward_subject and not _html_may_hold_marker(head):
             return found  # no marker anywhere in the markup: rendering cannot find one
         from_html = _find_inline(html_to_text(head), forward_subject=forward_subject)
         if from_html is not None and (from_html.from_ is not None or found is None):
             return from_html
     return found
+
+
+def _html_may_hold_marker(head: str) -> bool:
+    """Return whether ``_HTML_MARKER_HINT`` finds a marker in ``head``.
+
+    For ASCII text, case-insensitive matching of these ASCII words equals a
+    substring test on the lower-cased text (``début`` needs a non-ASCII
+    letter), which runs in C without the regex trying six alternatives at
+    every position: 1 ms instead of 14 ms per corpus pass (two 200,000
+    character HTML bodies). Other text keeps the regex.
+    """
+    if head.isascii():
+        lower = head.lower()
+        return any(word in lower for word in _HTML_MARKER_WORDS)
+    return _HTML_MARKER_HINT.search(head) is not None
 
 
 def has_forward_prefix(subject: str) -> bool:

@@ -110,7 +110,9 @@ def subject_core(subject: str) -> str:
 def _header_fields(parsed: ParsedMessage) -> tuple[tuple[str, str], ...]:
     """Return the identity fields every copy of a message shares."""
     if parsed.date_at is not None:
-        date_text = parsed.date_at.replace(microsecond=0).isoformat()
+        date_at = parsed.date_at
+        # Header dates have whole seconds; replace() is only needed otherwise.
+        date_text = (date_at.replace(microsecond=0) if date_at.microsecond else date_at).isoformat()
     else:
         date_text = "raw:" + " ".join((parsed.raw_date or "").split())
     return (

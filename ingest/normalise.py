@@ -67,9 +67,11 @@ def address_key(addr_spec: str) -> AddressKey:
     Returns:
         The key, e.g. ``"jörg@bücher.example"``; never raises.
     """
-    if addr_spec.isascii() and "xn--" not in addr_spec.lower():
-        # ASCII fast path: NFC is the identity, casefold equals lower.
-        return AddressKey(addr_spec.strip().lower().rstrip("."))
+    if addr_spec.isascii():
+        lower = addr_spec.lower()
+        if "xn--" not in lower:
+            # ASCII fast path: NFC is the identity, casefold equals lower.
+            return AddressKey(lower.strip().rstrip("."))
     local, at, domain = addr_spec.strip().rpartition("@")
     if not at:
         return AddressKey(unicodedata.normalize("NFC", addr_spec.strip()).casefold())
@@ -137,30 +139,52 @@ def _parse_simple(value: str) -> list[tuple[str, str]] | None:
     unquoted = _QUOTED.sub("", value) if '"' in value else value
     if _NOT_SIMPLE.search(unquoted):
         return None
+    if "," not in value:  # one piece: what findall would return
+        pair = _simple_pair(value)
+        return None if pair is None else [] if not pair[1] else [pair]
     pairs: list[tuple[str, str]] = []
+    seen: dict[str, tuple[str, str]] = {}  # long lists repeat pieces
     for piece in _SIMPLE_PIECE.findall(value):
-        if piece.isspace():
-            continue
-        match = _SIMPLE_MAILBOX.fullmatch(piece)
-        if match is None:
-            return None
-        quoted, name, bracketed, bare = match.groups()
-        if quoted is not None:
-            name = _QUOTED_PAIR.sub(r"\1", quoted)
-        pairs.append((" ".join(name.split()) if name else "", bracketed or bare))
+        found = seen.get(piece)
+        if found is None:
+            found = _simple_pair(piece)
+            if found is None:
+                return None
+            seen[piece] = found
+        if found[1]:
+            pairs.append(found)
     return pairs
+
+
+def _simple_pair(piece: str) -> tuple[str, str] | None:
+    """Return (display name, addr-spec) of one simple piece; ("", "") for blank."""
+    if piece.isspace():
+        return "", ""
+    match = _SIMPLE_MAILBOX.fullmatch(piece)
+    if match is None:
+        return None
+    quoted, name, bracketed, bare = match.groups()
+    if quoted is not None:
+        name = _QUOTED_PAIR.sub(r"\1", quoted)
+    return (" ".join(name.split()) if name else "", bracketed or bare)
 
 
 def _build_addresses(pairs: list[tuple[str, str]]) -> tuple[list[Address], list[Defect]]:
     """Decode display names and compute keys for (name, addr-spec) pairs."""
     defects: list[Defect] = []
     addresses: list[Address] = []
-    for name, spec in pairs:
-        display, name_defects = decode_words(name)
-        defects.extend(name_defects)
-        addresses.append(
-            Address(display_name=display, addr_spec=spec, address_key=address_key(spec))
-        )
+    # Long lists repeat entries (a fuzzed 45 KB header is one address 4,096
+    # times); a repeated pair reuses its value, defects included.
+    seen: dict[tuple[str, str], tuple[Address, tuple[Defect, ...]]] = {}
+    for pair in pairs:
+        known = seen.get(pair)
+        if known is None:
+            name, spec = pair
+            display, name_defects = decode_words(name) if "=?" in name else (name, ())
+            address = Address(display_name=display, addr_spec=spec, address_key=address_key(spec))
+            known = seen[pair] = (address, name_defects)
+        addresses.append(known[0])
+        defects.extend(known[1])
     return addresses, defects
 
 
@@ -257,16 +281,15 @@ def parse_message_ids(value: str) -> tuple[tuple[MessageId, ...], tuple[Defect, 
         tokens = [t for t in bare if "@" in t] or (bare if len(bare) == 1 else [])
         if bare:
             defects.append(Defect(kind=MALFORMED_MESSAGE_ID, detail="msg-id without brackets"))
-    ids: list[MessageId] = []
+    ids: dict[str, None] = {}  # insertion-ordered set: long References lists
     for token in tokens:
         token = token.strip("<>")
         if not token:
             continue
         if "@" not in token or token.count("@") > 1:
             defects.append(Defect(kind=MALFORMED_MESSAGE_ID, detail="msg-id not left@right"))
-        if token not in ids:
-            ids.append(MessageId(token))
-    return tuple(ids), tuple(defects)
+        ids.setdefault(token)
+    return tuple(MessageId(token) for token in ids), tuple(defects)
 
 
 def normalise_message_id(value: str) -> MessageId | None:

@@ -19,6 +19,7 @@ pipeline quarantines the message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from email.feedparser import FeedParser
@@ -51,6 +52,7 @@ MAX_DEFECTS = 200
 _ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 _SINGLE_HEADERS = ("from", "sender", "subject", "date", "message-id", "in-reply-to", "references")
 _STRUCTURED = frozenset((*_ADDRESS_HEADERS, *_SINGLE_HEADERS))
+_HEADER_END = re.compile(r"\n\r?\n")  # end of the first empty line
 _EMPTY_WALK = WalkResult(text_body=None, html_body=None, attachments=(), embedded=(), defects=())
 
 
@@ -86,10 +88,45 @@ def _parse_full(raw: bytes) -> ParsedMessage:
     decodes the same way but feeds the parser 8 KB at a time; one feed
     saves the parser's per-chunk resumptions (measured: 4 % of the parse).
     """
-    parser = FeedParser(Message, policy=compat32)
-    parser.feed(raw.decode("ascii", errors="surrogateescape"))
-    msg = parser.close()
+    msg = _parse_tree(raw.decode("ascii", errors="surrogateescape"))
     return _build(raw, msg, walk_message(msg), ())
+
+
+def _parse_tree(text: str) -> Message:
+    """Return the compat32 tree of ``text`` (surrogate-escaped message text).
+
+    Same tree as one ``FeedParser.feed`` of the whole text. For a message
+    whose header block ends at its first empty line and whose type is
+    neither ``multipart/*`` nor ``message/*``, that tree is the header
+    block's tree plus the rest of the text as payload: the parser takes
+    every line after the empty line into the payload, and joining those
+    lines gives back the text. So only the header block goes through the
+    parser (alone it yields payload ""), and the body is not split into
+    lines and read back one by one (measured: 92 -> 79 ms for the corpus's
+    1,318 single-part messages; trees compared equal on the corpus and on
+    CRLF, truncated and refolded variants). Anything else, including any
+    header defect, takes the full parse.
+    """
+    end = _HEADER_END.search(text)
+    if end is not None:
+        head = text[: end.end()]
+        lowered = head.lower()
+        # A lone CR is a line end for the parser too: leave such text to it.
+        simple_ends = head.count("\r") == head.count("\r\n")
+        if simple_ends and "multipart/" not in lowered and "message/" not in lowered:
+            head_parser = FeedParser(Message, policy=compat32)
+            head_parser.feed(head)
+            root = head_parser.close()
+            if (
+                not root.defects
+                and root.get_payload() == ""
+                and root.get_content_maintype() not in ("multipart", "message")
+            ):
+                root.set_payload(text[end.end() :])
+                return root
+    parser = FeedParser(Message, policy=compat32)
+    parser.feed(text)
+    return parser.close()
 
 
 def _unparseable(defects: tuple[Defect, ...], raw: object) -> ParsedMessage:
@@ -118,24 +155,31 @@ def _unparseable(defects: tuple[Defect, ...], raw: object) -> ParsedMessage:
 
 def _decode_headers(
     msg: Message,
-) -> tuple[tuple[tuple[str, str], ...], dict[str, list[str]], list[Defect]]:
+) -> tuple[tuple[tuple[str, str], ...], dict[str, list[str]], list[Defect], str]:
     """Decode every top-level header once, in order.
 
     Returns:
-        (headers, texts, defects): ``headers`` fully decoded; ``texts`` maps
-        lower-case names to values with 8-bit fixed and unfolded but
-        encoded-words kept, for the structured parsers (addresses must be
-        split before RFC 2047 decoding, RFC 2047 §6.1).
+        (headers, texts, defects, subject): ``headers`` fully decoded;
+        ``texts`` maps lower-case names to values with 8-bit fixed and
+        unfolded but encoded-words kept, for the structured parsers
+        (addresses must be split before RFC 2047 decoding, RFC 2047 §6.1);
+        ``subject`` the first decoded Subject, "" without one.
     """
     headers: list[tuple[str, str]] = []
     texts: dict[str, list[str]] = {}
     defects: list[Defect] = []
-    for name, value in msg.raw_items():
-        value = str(value)
-        if value.isascii() and "=?" not in value:
+    subject: str | None = None
+    for name, raw_value in msg.raw_items():
+        value = str(raw_value)
+        if value.isascii():
             # The common case, 9 headers in 10 (folded Received lines too):
-            # nothing to decode, only unfolding (RFC 5322 §2.2.3).
-            text = decoded = unfold(value)
+            # only unfolding (RFC 5322 §2.2.3), and encoded-words if any.
+            text = unfold(value) if "\n" in value else value.strip()
+            if "=?" in text:
+                decoded, more = decode_words(text)
+                defects.extend(more)
+            else:
+                decoded = text
         else:
             text, found = fix_8bit_header(value)
             text = unfold(text)
@@ -144,8 +188,10 @@ def _decode_headers(
         key = name.lower()
         if key in _STRUCTURED:
             texts.setdefault(key, []).append(text)
+            if subject is None and key == "subject":
+                subject = decoded
         headers.append((name, decoded))
-    return tuple(headers), texts, defects
+    return tuple(headers), texts, defects, subject or ""
 
 
 def _by_name(items: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -208,7 +254,7 @@ def _date(texts: dict[str, list[str]], defects: list[Defect]) -> tuple[datetime 
 
 def _build(raw: bytes, msg: Message, walk: WalkResult, extra: tuple[Defect, ...]) -> ParsedMessage:
     """Assemble the ``ParsedMessage`` from a parsed tree and its walk."""
-    decoded, texts, defects = _decode_headers(msg)
+    decoded, texts, defects, subject = _decode_headers(msg)
     for name in _SINGLE_HEADERS:
         if len(texts.get(name, ())) > 1:
             defects.append(Defect(kind=DUPLICATE_HEADER, detail=name))
@@ -220,7 +266,6 @@ def _build(raw: bytes, msg: Message, walk: WalkResult, extra: tuple[Defect, ...]
     references, raw_references = _ids(texts.get("references", []), defects)
     date_at, raw_date = _date(texts, defects)
     participants = _participants(texts, defects)
-    subject = next((value for name, value in decoded if name.lower() == "subject"), "")
     defects.extend(walk.defects)
     result = ParsedMessage(
         message_id=message_id,
