@@ -10,8 +10,13 @@ of commits) are ``gateway.outbound_run``'s.
 
 Crash policy (``reconcile``): a row found in ``sending`` at start-up is
 looked up in the mailbox's Sent folder by Message-ID: found → ``sent``;
-absent → queued again. A relay send has no Sent folder to ask, so it is
-``failed`` with ``outcome_unknown`` rather than risk a second copy.
+absent → queued again. A relay send has no Sent folder to ask, and a
+mailbox without a \\Sent folder cannot tell, so both are ``failed`` with
+``outcome_unknown`` rather than risk a second copy. A reply lost after the
+end of the data (``OutcomeUnknown``) is settled the same way at once
+(``_settle``), except that a generic IMAP send absent from Sent is also
+``outcome_unknown``: its copy is ours to APPEND after the 250 we never got,
+so its absence proves nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ from gateway import outbound_routes as routes
 from gateway.config import Settings
 from gateway.errors import AuthError, TransientError
 from gateway.mailboxes import MailboxError, MailboxService
-from gateway.outbound_run import SendRun
+from gateway.outbound_run import Commit, SendRun
 from gateway.sent_folder import sent_copy_exists
-from gateway.smtp.sender import ClientContexts, SubmitResult
+from gateway.smtp.sender import ClientContexts, OutcomeUnknown, SubmitResult
 from ingest.compose import Draft, OutgoingAttachment, ParentRef, compose
 from ingest.limits import (
     QUOTA_WINDOW,
@@ -45,7 +50,7 @@ from ingest.limits import (
     SendRequestSize,
     check_limits,
 )
-from ingest.types import MessageId
+from ingest.types import LogEntry, MessageId, Outcome, Source, SubaccountId
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.models.enums import OutboundKind, OutboundState
@@ -54,6 +59,7 @@ from storage.repos import outbound_lookups as lookups
 from storage.repos import outbound_quota as quota
 from storage.repos.directory import resolve_subaccount
 from storage.repos.mailboxes import member_user_id
+from storage.repos.sync_log import LogContext, add_log_rows
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ REJECTED = "rejected"
 AUTH_FAILED = "auth_failed"
 OUTCOME_UNKNOWN = "outcome_unknown"
 RETRIES_EXHAUSTED = "retries_exhausted"
+R18 = "R18"
 
 
 def _utcnow() -> datetime:
@@ -263,7 +270,7 @@ class OutboundService:
             Exception: an unexpected error of one attempt stops the run
                 (edge errors are outcomes, never raised).
         """
-        due = await self._db.read(repo.due_outbound_routes, self._clock(), limit)
+        due = await self._db.read(repo.due_outbound_markable, self._clock(), limit)
         await self._run().run(due)
         return len(due)
 
@@ -271,9 +278,11 @@ class OutboundService:
         """Make one attempt of a queued send, record its outcome and return the row.
 
         A row that is not ``queued`` (another worker has it, or it is done)
-        is returned as it is. Raises ``storage.errors.NotFound`` for an unknown id.
+        or not yet due (``next_attempt_at`` in the future: a retry waits
+        out its backoff) is returned as it is. Raises
+        ``storage.errors.NotFound`` for an unknown id.
         """
-        await self._run().run(((outbound_id, None),))
+        await self._run().run(((outbound_id, False),))
         return await self._db.read(repo.get_outbound, outbound_id)
 
     def _run(self) -> SendRun:
@@ -282,12 +291,17 @@ class OutboundService:
             self._tls,
             self._blobs,
             target=self._target,
-            sent=lambda record, content, result: functools.partial(
-                self._finish_sent, record=record, content=content, result=result
+            sent=lambda record, content, result, copy_error: functools.partial(
+                self._finish_sent,
+                record=record,
+                content=content,
+                result=result,
+                copy_error=copy_error,
             ),
             failed=lambda record, exc: functools.partial(
                 self._failed_attempt, record=record, exc=exc
             ),
+            unknown=self._reply_lost,
             clock=self._clock,
         )
 
@@ -322,6 +336,7 @@ class OutboundService:
         record: repo.OutboundRecord,
         content: bytes,
         result: SubmitResult,
+        copy_error: str | None = None,
     ) -> None:
         message_pk = None
         if record.route == repo.ROUTE_MAILBOX and record.kind == OutboundKind.INDIVIDUAL:
@@ -335,7 +350,24 @@ class OutboundService:
             reply=f"{result.code} {result.reply}",
             provider_message_id=result.provider_message_id,
             message_pk=message_pk,
+            note=copy_error,
         )
+        if copy_error is not None:  # R18 not met: say so where operators look (mailgate log)
+            context = LogContext(
+                at=now,
+                source=Source.CRM,
+                mailbox_id=record.mailbox_id,
+                message_pk=message_pk,
+                message_id=record.message_id,
+                raw_sha256=record.raw_sha256,
+            )
+            entry = LogEntry(
+                rule=R18,
+                reason=copy_error,
+                outcome=Outcome.SKIPPED,
+                subaccount_id=SubaccountId(record.subaccount_id),
+            )
+            add_log_rows(session, context, (entry,))
         log.info("message sent", extra={"message_id": record.message_id})
 
     def _emit_failed(self, session: Session, record: repo.OutboundRecord, now: datetime) -> None:
@@ -352,7 +384,14 @@ class OutboundService:
     # ------------------------------------------------------------ restart
 
     async def reconcile(self) -> int:
-        """Settle every send left in ``sending`` by a crash; return how many were settled."""
+        """Settle every send left in ``sending`` by a crash; return how many were settled.
+
+        Per row (module docstring, docs/sending.md "Crash policy"): relay →
+        ``failed``/``outcome_unknown``; mailbox → the Sent folder is
+        searched: found → ``sent``, absent → queued again (due now), no
+        \\Sent folder → ``outcome_unknown``. A row whose mailbox or IMAP
+        server cannot be reached now is left ``sending`` for the next start.
+        """
         settled = 0
         for record in await self._db.read(repo.in_sending):
             try:
@@ -362,40 +401,73 @@ class OutboundService:
         return settled
 
     async def _reconcile_one(self, record: repo.OutboundRecord) -> int:
-        now = self._clock()
         if record.route != repo.ROUTE_MAILBOX:
             error = "crashed during a relay send; not resent to avoid a second copy"
-            await self._db.run(self._give_up_unknown, record, error, now)
+            await self._db.run(self._give_up_unknown_commit(record, error), self._clock())
             return 1
-        target = await self._target(record)
+        commit = await self._settle(record, await self._target(record), reply_lost=False)
+        await self._db.run(commit, self._clock())
+        return 1
+
+    async def _reply_lost(
+        self, record: repo.OutboundRecord, target: routes.Target, exc: OutcomeUnknown
+    ) -> Commit:
+        """``SendRun``'s ``unknown``: settle a lost reply now; an IMAP failure gives up."""
+        try:
+            return await self._settle(record, target, reply_lost=True)
+        except (TransientError, OSError) as search_exc:
+            log.warning(
+                "Sent folder not searched after a lost reply",
+                extra={"message_id": record.message_id, "reason": type(search_exc).__name__},
+            )
+            error = f"{exc}; Sent folder not searched ({type(search_exc).__name__})"
+            return self._give_up_unknown_commit(record, error)
+
+    async def _settle(
+        self, record: repo.OutboundRecord, target: routes.Target, *, reply_lost: bool
+    ) -> Commit:
+        """Return the commit that settles a send whose outcome is unknown.
+
+        Args:
+            record: the ``sending`` row.
+            target: its server and IMAP access.
+            reply_lost: True when the end of the data was written and the
+                reply lost (not a crash at an unknown point).
+
+        Raises:
+            TransientError: the Sent folder could not be searched.
+        """
         access = target.search_access
-        found = access is not None and await asyncio.to_thread(
-            sent_copy_exists, access, record.message_id
-        )
+        if access is None:
+            return self._give_up_unknown_commit(record, "relay send: nothing to ask")
+        found = await asyncio.to_thread(sent_copy_exists, access, record.message_id)
         if found:
             content = await asyncio.to_thread(self._blobs.get, record.raw_sha256 or "")
             result = SubmitResult(
                 code=250, reply="reconciled: found in Sent", provider_message_id=None
             )
-            await self._db.run(
-                functools.partial(self._finish_sent, record=record, content=content, result=result),
-                now,
+            return functools.partial(
+                self._finish_sent, record=record, content=content, result=result
             )
-        else:
-            await self._db.run(
-                repo.schedule_retry,
-                record.id,
-                now,
-                next_attempt_at=now,
-                error="requeued after crash",
-            )
-        return 1
+        if found is None:
+            return self._give_up_unknown_commit(record, "no \\Sent folder to ask; not resent")
+        if reply_lost and target.append_access is not None:
+            error = "reply lost after DATA; the Sent copy is ours to APPEND, so not resent"
+            return self._give_up_unknown_commit(record, error)
 
-    def _give_up_unknown(
-        self, session: Session, record: repo.OutboundRecord, error: str, now: datetime
-    ) -> None:
-        repo.mark_failed(session, record.id, now, code=OUTCOME_UNKNOWN, error=error)
-        self._emit_failed(session, repo.get_outbound(session, record.id), now)
+        def requeue(session: Session, now: datetime) -> None:
+            reason = "reply lost after DATA" if reply_lost else "requeued after crash"
+            error = f"{reason}; not in the Sent folder"
+            repo.schedule_retry(session, record.id, now, next_attempt_at=now, error=error)
+
+        return requeue
+
+    def _give_up_unknown_commit(self, record: repo.OutboundRecord, error: str) -> Commit:
+        def give_up(session: Session, now: datetime) -> None:
+            repo.mark_failed(session, record.id, now, code=OUTCOME_UNKNOWN, error=error)
+            self._emit_failed(session, repo.get_outbound(session, record.id), now)
+
+        return give_up
 
 
 def _unique(addresses: tuple[str, ...]) -> tuple[str, ...]:

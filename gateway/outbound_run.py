@@ -12,11 +12,18 @@ Per send, every step committed before the next (docs/sending.md)::
     queued ──mark_sending──> sending ──MAIL FROM … DATA … reply──> Outcome.commit
                                                                   (sent | queued again | failed)
 
+After a 250 the send is ``sent``, whatever follows: a failed Sent APPEND
+(R18, generic IMAP) is logged and recorded with the ``sent`` commit, never
+raised. A reply lost after the end of the data (``OutcomeUnknown``) is
+settled like a crash after DATA (``unknown``: the Sent folder, else
+``outcome_unknown``), never retried blindly.
+
 Overlaps: while send N is on the wire the database thread commits send
-N-1's outcome and, when send N+1 is a **mailbox** send, N+1's ``sending``
-(marked ahead). Relay sends are marked only just before their own
-attempt: ``reconcile`` cannot ask a relay and would give up on a send that
-was never tried (``outcome_unknown``). A run that stops early (an error,
+N-1's outcome and, when send N+1 is a Gmail/Outlook **mailbox** send,
+N+1's ``sending`` (marked ahead). Relay and generic IMAP sends are marked
+only just before their own attempt: ``reconcile`` cannot ask a relay, nor
+a mailbox without a \\Sent folder, and would give up on a send that was
+never tried (``outcome_unknown``). A run that stops early (an error,
 or cancellation at shutdown) releases every row it marked but did not
 attempt (``release_sending``: ``queued`` again, attempt not counted)
 before QUIT. A crash leaves such rows ``sending``; ``reconcile`` settles
@@ -26,6 +33,7 @@ them at start-up like any crash during an attempt.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,13 +44,15 @@ from gateway import outbound_routes as routes
 from gateway.errors import AuthError, PermanentError, TransientError
 from gateway.mailboxes import MailboxError
 from gateway.sent_folder import append_sent_copy
-from gateway.smtp.sender import ClientContexts, Submissions, SubmitResult
+from gateway.smtp.sender import ClientContexts, OutcomeUnknown, Submissions, SubmitResult
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.repos import outbound as repo
 
-Due = tuple[int, str | None]
-"""``(outbound id, route)`` of a queued send, as ``repo.due_outbound_routes`` returns."""
+log = logging.getLogger(__name__)
+
+Due = tuple[int, bool]
+"""``(outbound id, may be marked ahead)``, as ``repo.due_outbound_markable`` returns."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,10 +67,13 @@ Commit = Callable[[Session, datetime], None]
 """``commit(session, now)``: records one outcome in the caller's transaction."""
 TargetOf = Callable[[repo.OutboundRecord], Awaitable[routes.Target]]
 """``target(record)``: server, login and IMAP access of a send (raises ``MailboxError``)."""
-SentCommit = Callable[[repo.OutboundRecord, bytes, SubmitResult], Commit]
-"""``sent(record, content, result)``: the commit of an accepted send."""
+SentCommit = Callable[[repo.OutboundRecord, bytes, SubmitResult, str | None], Commit]
+"""``sent(record, content, result, copy_error)``: the commit of an accepted send;
+``copy_error`` says why the Sent copy (R18) was not filed, or is None."""
 FailedCommit = Callable[[repo.OutboundRecord, Exception], Commit]
 """``failed(record, exc)``: the commit of a failed attempt (retry or give up)."""
+UnknownCommit = Callable[[repo.OutboundRecord, routes.Target, OutcomeUnknown], Awaitable[Commit]]
+"""``unknown(record, target, exc)``: settle a lost reply (may ask the Sent folder first)."""
 
 
 class SendRun:
@@ -74,7 +87,7 @@ class SendRun:
         db: the process's database (SQLite: one thread, calls in order).
         tls: shared TLS client contexts.
         blobs: where each send's composed bytes are (read, resent unchanged).
-        target, sent, failed: from ``OutboundService`` (see the aliases above).
+        target, sent, failed, unknown: from ``OutboundService`` (see the aliases above).
         clock: aware UTC now.
     """
 
@@ -87,6 +100,7 @@ class SendRun:
         target: TargetOf,
         sent: SentCommit,
         failed: FailedCommit,
+        unknown: UnknownCommit,
         clock: Callable[[], datetime],
     ) -> None:
         """Start with no connection, no target and nothing marked."""
@@ -95,6 +109,7 @@ class SendRun:
         self._target_of = target
         self._sent = sent
         self._failed = failed
+        self._unknown = unknown
         self._clock = clock
         self._submissions = Submissions(tls)
         self._targets: dict[tuple[str | None, int | None, int], routes.Target] = {}
@@ -104,7 +119,7 @@ class SendRun:
         """Attempt each of ``due`` in order, commit every outcome, then QUIT every session.
 
         Args:
-            due: ``(id, route)`` pairs, oldest first; a row no longer
+            due: ``(id, may be marked ahead)`` pairs, oldest first; a row no longer
                 ``queued`` when its turn comes (another worker took it) is
                 skipped.
 
@@ -116,7 +131,7 @@ class SendRun:
         """
         outcome: Outcome | None = None
         try:
-            for index, (outbound_id, _route) in enumerate(due):
+            for index, (outbound_id, _ahead) in enumerate(due):
                 previous, outcome = outcome, None  # _attempt commits it, even when it raises
                 outcome = await self._attempt(outbound_id, previous, _mark_ahead(due, index))
         finally:
@@ -174,27 +189,53 @@ class SendRun:
         """Submit a ``sending`` row, APPEND the Sent copy if needed; return the outcome.
 
         Edge errors (``TransientError``, ``PermanentError``, ``AuthError``,
-        ``MailboxError``) become the failed outcome; anything else (a missing
-        blob, an IMAP error of the APPEND) propagates and stops the run.
+        ``MailboxError``) become the failed outcome, a lost reply
+        (``OutcomeUnknown``) the ``unknown`` settlement; after a 250 the
+        outcome is ``sent`` whatever the APPEND does. Anything else (a
+        missing blob) propagates and stops the run.
         """
         content = await asyncio.to_thread(self._blobs.get, record.raw_sha256 or "")
         try:
             target = await self._target(record)
-            result = await self._submissions.send(
-                target.server,
-                target.login,
-                envelope_sender=target.envelope_sender,
-                envelope_recipients=record.recipients,
-                content=content,
-                message_id=record.message_id,
-            )
-            if target.append_access is not None:
-                await asyncio.to_thread(
-                    append_sent_copy, target.append_access, content, self._clock()
+            try:
+                result = await self._submissions.send(
+                    target.server,
+                    target.login,
+                    envelope_sender=target.envelope_sender,
+                    envelope_recipients=record.recipients,
+                    content=content,
+                    message_id=record.message_id,
                 )
+            except OutcomeUnknown as exc:
+                return Outcome(commit=await self._unknown(record, target, exc), now=self._clock())
         except (TransientError, PermanentError, AuthError, MailboxError) as exc:
             return Outcome(commit=self._failed(record, exc), now=self._clock())
-        return Outcome(commit=self._sent(record, content, result), now=self._clock())
+        copy_error = await self._append_copy(record, target, content)
+        return Outcome(commit=self._sent(record, content, result, copy_error), now=self._clock())
+
+    async def _append_copy(
+        self, record: repo.OutboundRecord, target: routes.Target, content: bytes
+    ) -> str | None:
+        """APPEND the Sent copy where the provider files none (R18); return why it failed, or None.
+
+        Runs after the 250: the message is delivered, so no error may stop
+        the ``sent`` commit (else the row stays ``sending`` and ``reconcile``,
+        not finding the copy, would send it again). Not retried: a lost
+        APPEND answer could leave two copies, and the send is already stored
+        in the conversation (docs/sending.md).
+        """
+        if target.append_access is None:
+            return None
+        try:
+            await asyncio.to_thread(append_sent_copy, target.append_access, content, self._clock())
+        except Exception as exc:  # any failure: the 250 stands (see above)
+            log.warning(
+                "Sent copy not filed",
+                extra={"message_id": record.message_id, "reason": type(exc).__name__},
+                exc_info=True,
+            )
+            return f"R18: Sent copy not filed: {type(exc).__name__}: {exc}"
+        return None
 
     async def _target(self, record: repo.OutboundRecord) -> routes.Target:
         key = (record.route, record.mailbox_id, record.user_id)
@@ -221,6 +262,6 @@ class SendRun:
 
 
 def _mark_ahead(due: Sequence[Due], index: int) -> int | None:
-    """Return the id to mark while ``due[index]`` is on the wire: the next, if a mailbox send."""
+    """Return the id to mark while ``due[index]`` is on the wire: the next, if it may be."""
     following = due[index + 1] if index + 1 < len(due) else None
-    return following[0] if following and following[1] == repo.ROUTE_MAILBOX else None
+    return following[0] if following and following[1] else None

@@ -7,15 +7,21 @@ these functions through ``asyncio.to_thread``. It does not watch folders
 
 from __future__ import annotations
 
+import imaplib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from imapclient import IMAPClient
 from imapclient import imapclient as imap_constants
 
 from gateway.config import Security
+from gateway.errors import TransientError
 from gateway.smtp.sender import tls_context
+
+T = TypeVar("T")
 
 TIMEOUT_SECONDS = 30.0
 
@@ -68,35 +74,61 @@ def _sent_folder(client: IMAPClient) -> str:
     return str(folder)
 
 
+def _session(access: ImapAccess, work: Callable[[IMAPClient], T]) -> T:
+    """Log in, run ``work``, log out; IMAP and socket errors become ``TransientError``."""
+    try:
+        client = _open(access)
+        try:
+            return work(client)
+        finally:
+            try:
+                client.logout()
+            except (imaplib.IMAP4.error, OSError):
+                pass  # the answer is in; a failed LOGOUT changes nothing
+    except (imaplib.IMAP4.error, OSError) as exc:  # imapclient's errors subclass IMAP4.error
+        raise TransientError(f"IMAP: {type(exc).__name__}: {exc}") from exc
+
+
 def append_sent_copy(access: ImapAccess, content: bytes, date_at: datetime) -> str:
     """APPEND ``content`` to the \\Sent folder with \\Seen (R18); return the folder name.
 
+    RFC 9051 §6.3.12; the folder is found as ``_sent_folder`` does.
+
     Raises:
-        NoSentFolder: the server has none.
-        imapclient/OS errors: the connection failed (transient).
+        NoSentFolder: the server has none (a ``LookupError``).
+        TransientError: login, APPEND or the connection failed (an
+            imapclient/imaplib error, ``OSError``, a timeout); the APPEND
+            may or may not have been done.
     """
-    client = _open(access)
-    try:
+
+    def append(client: IMAPClient) -> str:
         folder = _sent_folder(client)
         client.append(folder, content, flags=(imap_constants.SEEN,), msg_time=date_at)
         return folder
-    finally:
-        client.logout()
+
+    return _session(access, append)
 
 
-def sent_copy_exists(access: ImapAccess, message_id: str) -> bool:
+def sent_copy_exists(access: ImapAccess, message_id: str) -> bool | None:
     """Return whether the \\Sent folder holds a message with this Message-ID header.
 
     Uses ``UID SEARCH HEADER Message-ID`` (RFC 9051 §6.4.4), substring match
     on the id without brackets.
 
+    Returns:
+        True (found), False (not there), or None when the server has no
+        \\Sent folder (RFC 6154) nor a usual Sent name: it cannot tell.
+
     Raises:
-        NoSentFolder: the server has none.
-        imapclient/OS errors: the connection failed (transient).
+        TransientError: login, SELECT, SEARCH or the connection failed.
     """
-    client = _open(access)
-    try:
-        client.select_folder(_sent_folder(client), readonly=True)
+
+    def search(client: IMAPClient) -> bool | None:
+        try:
+            folder = _sent_folder(client)
+        except NoSentFolder:
+            return None
+        client.select_folder(folder, readonly=True)
         return bool(client.search(["HEADER", "Message-ID", message_id]))
-    finally:
-        client.logout()
+
+    return _session(access, search)

@@ -2,7 +2,9 @@
 
 Edge module. ``data_chunks`` and ``normalised_size`` are pure (bytes in,
 bytes or an int out); ``stream_data`` drives an open, authenticated
-aiosmtplib client from ``DATA`` to the reply after the terminator. It does
+aiosmtplib client from ``DATA`` to the reply after the terminator, and
+tells a failure before the terminator (nothing accepted) from one after
+it (``ReplyLost``: the outcome is unknown). It does
 not open, authenticate, reset or close sessions beyond dropping one that
 fell out of step, nor classify errors (``gateway.smtp.sender`` does both).
 
@@ -23,6 +25,7 @@ import re
 from collections.abc import Iterator
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 START_MAIL_INPUT = 354
 """RFC 5321 §4.1.1.4: the reply to DATA that invites the content."""
@@ -31,6 +34,18 @@ COMPLETED = 250
 DATA_CHUNK_BYTES = 64 * 1024
 """Content bytes normalised, dot-stuffed and written per step of DATA."""
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")  # aiosmtplib.protocol.LINE_ENDINGS_REGEX
+TERMINATOR = b".\r\n"
+"""RFC 5321 §4.1.1.4: the last line of the mail data (after the content's final CRLF)."""
+
+
+class ReplyLost(Exception):
+    """The end of the mail data was written, but no reply came (timeout or dropped connection).
+
+    The server may have accepted the message (RFC 5321 §4.1.1.4 and §6.1:
+    the message is the server's once it answers 250, and that answer may
+    be what was lost), so the outcome is unknown: a resend could deliver a
+    second copy. ``__cause__`` holds the timeout or connection error.
+    """
 
 
 def normalised_chunks(content: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
@@ -80,12 +95,25 @@ def data_chunks(content: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator
     Returns:
         An iterator of non-empty chunks; the last one is ``b".\\r\\n"``.
     """
+    yield from stuffed_chunks(content, chunk_bytes)
+    yield TERMINATOR
+
+
+def stuffed_chunks(content: bytes, chunk_bytes: int = DATA_CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield ``data_chunks`` without the final ``TERMINATOR`` (RFC 5321 §4.5.2 dot-stuffing).
+
+    Args:
+        content: the message bytes (RFC 5322).
+        chunk_bytes: how much of ``content`` each chunk covers (≥ 1).
+
+    Returns:
+        An iterator of non-empty chunks ending in CRLF, dot-stuffed.
+    """
     at_line_start = True
     for chunk in normalised_chunks(content, chunk_bytes):
         stuffed = chunk.replace(b"\n.", b"\n..")  # every "\n" ends a line after normalising
         yield b"." + stuffed if at_line_start and chunk.startswith(b".") else stuffed
         at_line_start = chunk.endswith(b"\n")
-    yield b".\r\n"
 
 
 def normalised_size(content: bytes) -> int:
@@ -126,7 +154,11 @@ async def stream_data(client: aiosmtplib.SMTP, content: bytes, timeout_seconds: 
             reply is not ``250`` (the connection stays open and in step
             unless the reply came before the terminator).
         aiosmtplib.SMTPServerDisconnected, OSError, TimeoutError: the
-            connection failed; it is closed.
+            connection failed before the end of the data was written; it
+            is closed (the server cannot have accepted the message).
+        ReplyLost: the end of the data (``.CRLF``) was written, then the
+            reply timed out or the connection failed; it is closed and the
+            outcome is unknown (the server may have accepted it).
     """
     start = await client.execute_command(b"DATA")
     if start.code != START_MAIL_INPUT:
@@ -135,15 +167,22 @@ async def stream_data(client: aiosmtplib.SMTP, content: bytes, timeout_seconds: 
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+    ended = False  # the terminator is in the transport: the server may accept from here on
     try:
-        for chunk in data_chunks(content):
-            if reply.done():
+        for chunk in stuffed_chunks(content):
+            if not await _write(protocol, chunk, reply, timeout_seconds):
                 client.close()  # answered before the end of the data: out of step, drop it
                 break
-            protocol.write(chunk)
-            async with asyncio.timeout(timeout_seconds):
-                await protocol._drain_helper()
+        else:
+            ended = not reply.done()  # else _write writes nothing
+            await _write(protocol, TERMINATOR, reply, timeout_seconds)
         response = await asyncio.wait_for(reply, timeout_seconds)
+    except (TimeoutError, OSError, aiosmtplib.SMTPServerDisconnected) as exc:
+        reply.cancel()
+        client.close()
+        if ended:
+            raise ReplyLost(f"no reply after the end of the data: {type(exc).__name__}") from exc
+        raise
     except BaseException:
         reply.cancel()
         client.close()
@@ -151,3 +190,18 @@ async def stream_data(client: aiosmtplib.SMTP, content: bytes, timeout_seconds: 
     if response.code != COMPLETED:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response.message
+
+
+async def _write(
+    protocol: SMTPProtocol,
+    chunk: bytes,
+    reply: asyncio.Future[aiosmtplib.SMTPResponse],
+    timeout_seconds: float,
+) -> bool:
+    """Write ``chunk`` and wait for the buffer to drain; False (nothing written) if answered."""
+    if reply.done():
+        return False
+    protocol.write(chunk)
+    async with asyncio.timeout(timeout_seconds):
+        await protocol._drain_helper()
+    return True

@@ -18,7 +18,9 @@ flow control) rather than by aiosmtplib's ``data()``, which copies the
 whole content several times.
 
 Errors are turned into ``TransientError`` / ``PermanentError`` /
-``AuthError`` by ``classify`` (STYLE.md §7).
+``AuthError`` by ``classify`` (STYLE.md §7), and a failure after the end
+of the data was written into ``OutcomeUnknown``: the server may have
+accepted the message, so it is never retried blindly.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import aiosmtplib
 
 from gateway.config import Security
 from gateway.errors import AuthError, PermanentError, TransientError
-from gateway.smtp.data import COMPLETED, normalised_size, stream_data
+from gateway.smtp.data import COMPLETED, ReplyLost, normalised_size, stream_data
 from ingest.types import MessageId
 
 TIMEOUT_SECONDS = 60.0
@@ -43,6 +45,16 @@ _REPLY_MESSAGE_ID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>")
 
 TokenSource = Callable[[bool], Awaitable[str]]
 """``token(force_refresh)`` → an OAuth2 access token for XOAUTH2."""
+
+
+class OutcomeUnknown(Exception):
+    """The whole message was written but its reply was lost (timeout, dropped connection).
+
+    Neither transient nor permanent: the server may have accepted it (RFC
+    5321 §4.1.1.4), so a retry could deliver it twice. The queue settles it
+    like a crash after DATA (``gateway.outbound``: the Sent folder, else
+    ``outcome_unknown``).
+    """
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,8 +210,11 @@ class Submission:
             The 250 reply; ``reply`` names the refused recipients when some were.
 
         Raises:
-            TransientError: 4xx, timeouts, connection errors (retry later).
+            TransientError: 4xx, timeouts, connection errors before the end
+                of the data (retry later).
             PermanentError: 5xx other than an auth failure (give up).
+            OutcomeUnknown: the end of the data was written and no reply
+                came (never retry blindly).
         """
         try:
             errors, reply = await self._transaction(envelope_sender, envelope_recipients, content)
@@ -285,7 +300,8 @@ class Submissions:
         """``Submission.send`` on the open connection for (server, login), opened when needed.
 
         Raises:
-            TransientError, PermanentError, AuthError: as ``Submission.open``/``send``.
+            TransientError, PermanentError, AuthError, OutcomeUnknown: as
+                ``Submission.open``/``send``.
         """
         key = (server, None if login is None else f"{type(login).__name__}:{login.username}")
         submission = self._open.pop(key, None)
@@ -330,6 +346,7 @@ async def submit(
         TransientError: 4xx, timeouts, connection errors (retry later).
         PermanentError: 5xx other than an auth failure (give up).
         AuthError: the server refused the credentials even after one refresh.
+        OutcomeUnknown: the reply to the end of the data was lost.
     """
     submission = Submission(server, login, contexts)
     await submission.open()
@@ -361,11 +378,15 @@ def classify(exc: BaseException) -> type[Exception]:
     """Return the edge error class of an exception raised while submitting.
 
     ``TransientError`` for 4xx replies, timeouts and connection errors;
-    ``AuthError`` for 535/534/530 after AUTH; ``PermanentError`` for other
-    5xx replies and anything unexpected. Our own edge errors pass through.
+    ``AuthError`` for 535/534/530 after AUTH; ``OutcomeUnknown`` for a
+    reply lost after the end of the data (``data.ReplyLost``);
+    ``PermanentError`` for other 5xx replies and anything unexpected. Our
+    own edge errors pass through.
     """
-    if isinstance(exc, TransientError | PermanentError | AuthError):
+    if isinstance(exc, TransientError | PermanentError | AuthError | OutcomeUnknown):
         return type(exc)
+    if isinstance(exc, ReplyLost):
+        return OutcomeUnknown
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         return AuthError if exc.code >= 500 else TransientError
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
@@ -381,6 +402,8 @@ def classify(exc: BaseException) -> type[Exception]:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ReplyLost):
+        return str(exc)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return f"{exc.code} {exc.message}"
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):

@@ -26,9 +26,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from ingest.types import MessageId
+from ingest.types import MessageId, Provider
 from storage.errors import NotFound
 from storage.models import (
+    Mailbox,
     OutboundMessage,
     WebhookDelivery,
 )
@@ -176,11 +177,21 @@ def enqueue(session: Session, new: NewOutbound, now: datetime) -> OutboundRecord
 def mark_sending(session: Session, outbound_id: int, now: datetime) -> OutboundRecord | None:
     """Record an attempt (state ``sending``, attempts + 1) before SMTP DATA.
 
-    Returns None when the row is not ``queued`` (another worker took it).
+    One conditional UPDATE: only a ``queued`` row whose ``next_attempt_at``
+    ≤ ``now`` is taken, so a send put back for a retry never goes out
+    before its backoff ends, whoever asks (``process(id)`` included).
+
+    Returns:
+        The row as marked, or None when it is not ``queued`` (another
+        worker took it, or it is done) or not yet due.
     """
     done = session.execute(
         sa.update(OutboundMessage)
-        .where(OutboundMessage.id == outbound_id, OutboundMessage.state == OutboundState.QUEUED)
+        .where(
+            OutboundMessage.id == outbound_id,
+            OutboundMessage.state == OutboundState.QUEUED,
+            OutboundMessage.next_attempt_at <= now,
+        )
         .values(
             state=OutboundState.SENDING,
             attempts=OutboundMessage.attempts + 1,
@@ -200,8 +211,15 @@ def mark_sent(
     reply: str,
     provider_message_id: MessageId | None,
     message_pk: int | None,
+    note: str | None = None,
 ) -> None:
-    """Record acceptance by the server (state ``sent``, ``sent_at`` = now)."""
+    """Record acceptance by the server (state ``sent``, ``sent_at`` = now).
+
+    Args:
+        note: kept in ``last_error`` of the ``sent`` row (``error_code``
+            stays None): what went wrong after the acceptance, e.g. the
+            Sent copy that could not be filed (R18); None clears it.
+    """
     row = _row(session, outbound_id)
     row.state = OutboundState.SENT
     row.sent_at = now
@@ -209,7 +227,7 @@ def mark_sent(
     row.provider_message_id = provider_message_id
     row.message_pk = message_pk
     row.next_attempt_at = None
-    row.last_error = None
+    row.last_error = note
     row.error_code = None
     row.updated_at = now
 
@@ -283,12 +301,25 @@ def due_outbound(session: Session, now: datetime, limit: int = 100) -> tuple[int
     )
 
 
-def due_outbound_routes(
+FILES_OWN_SENT_COPY = (Provider.GMAIL, Provider.OUTLOOK)
+"""Providers that file the Sent copy themselves (R18): their Sent folder always tells."""
+
+
+def due_outbound_markable(
     session: Session, now: datetime, limit: int = 100
-) -> tuple[tuple[int, str | None], ...]:
-    """Return ``(id, route)`` of queued sends due at ``now``, in ``due_outbound``'s order."""
+) -> tuple[tuple[int, bool], ...]:
+    """Return ``(id, may be marked ahead)`` of queued sends due at ``now``, oldest first.
+
+    Same rows and order as ``due_outbound``. A send may be marked
+    ``sending`` ahead of its turn only when ``reconcile`` could tell, after
+    a crash, that it was never submitted: a mailbox send whose provider
+    files its own Sent copy (``FILES_OWN_SENT_COPY``). Relay sends have
+    nothing to ask and generic IMAP mailboxes may have no \\Sent folder:
+    both would turn a crash before the attempt into ``outcome_unknown``.
+    """
     rows = session.execute(
-        sa.select(OutboundMessage.id, OutboundMessage.route)
+        sa.select(OutboundMessage.id, OutboundMessage.route, Mailbox.provider)
+        .outerjoin(Mailbox, Mailbox.id == OutboundMessage.mailbox_id)
         .where(
             OutboundMessage.state == OutboundState.QUEUED,
             OutboundMessage.next_attempt_at <= now,
@@ -296,7 +327,9 @@ def due_outbound_routes(
         .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
         .limit(limit)
     )
-    return tuple((row.id, row.route) for row in rows)
+    return tuple(
+        (row.id, row.route == ROUTE_MAILBOX and row.provider in FILES_OWN_SENT_COPY) for row in rows
+    )
 
 
 def in_sending(session: Session) -> tuple[OutboundRecord, ...]:

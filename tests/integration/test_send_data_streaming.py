@@ -16,8 +16,8 @@ import aiosmtplib
 import pytest
 
 from gateway.config import Security
-from gateway.errors import PermanentError
-from gateway.smtp.sender import ClientContexts, SmtpServer, Submissions, submit
+from gateway.errors import PermanentError, TransientError
+from gateway.smtp.sender import ClientContexts, OutcomeUnknown, SmtpServer, Submissions, submit
 from ingest.types import MessageId
 
 pytestmark = pytest.mark.integration
@@ -36,6 +36,7 @@ class RawSmtp:
     connections: int = 0
     data: list[bytes] = field(default_factory=list)
     commands: list[bytes] = field(default_factory=list)
+    drop: str | None = None  # "mid_data": close after 1 KB of data; "after_data": no reply
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -49,7 +50,13 @@ class RawSmtp:
                 writer.write(b"550 5.1.1 no such user\r\n")
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                if self.drop == "mid_data":
+                    await reader.readexactly(1024)
+                    break
                 self.data.append(await reader.readuntil(b"\r\n.\r\n"))
+                if self.drop == "after_data":  # accepted, but the 250 is lost
+                    break
                 writer.write(b"250 2.0.0 queued\r\n")
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")
@@ -142,3 +149,32 @@ async def test_one_connection_carries_several_sends_and_survives_a_refusal(
     assert b"RSET" in raw_smtp.commands  # after the refused transaction
     assert REFUSED in partly.reply
     assert raw_smtp.commands[-1] == b"QUIT"
+
+
+async def test_connection_lost_after_the_terminator_is_outcome_unknown(raw_smtp: RawSmtp) -> None:
+    raw_smtp.drop = "after_data"
+    with pytest.raises(OutcomeUnknown):
+        await submit(
+            _server(raw_smtp),
+            None,
+            envelope_sender=SENDER,
+            envelope_recipients=(RECIPIENT,),
+            content=b"Subject: lost\r\n\r\nbody\r\n",
+            message_id=MID,
+        )
+    assert len(raw_smtp.data) == 1  # the server had the whole message
+
+
+async def test_connection_lost_before_the_terminator_is_transient(raw_smtp: RawSmtp) -> None:
+    raw_smtp.drop = "mid_data"
+    content = b"Subject: big\r\n\r\n" + b"x" * 998 * 1024 + b"\r\n" * 20_000
+    with pytest.raises(TransientError):
+        await submit(
+            _server(raw_smtp),
+            None,
+            envelope_sender=SENDER,
+            envelope_recipients=(RECIPIENT,),
+            content=content * 20,
+            message_id=MID,
+        )
+    assert raw_smtp.data == []

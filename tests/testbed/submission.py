@@ -2,9 +2,12 @@
 
 Mimics smtp.gmail.com / smtp.office365.com for what the gateway uses:
 port-587 style STARTTLS (required before AUTH, RFC 3207) and implicit TLS
-(RFC 8314), AUTH XOAUTH2 only (Google's "OAuth 2.0 Mechanism" document:
+(RFC 8314), AUTH XOAUTH2 (Google's "OAuth 2.0 Mechanism" document:
 SASL-IR or challenge form, Gmail-style JSON error challenge then ``535 5.7.8``),
-validating the testbed's JWTs. Each accepted message is delivered by LMTP to
+validating the testbed's JWTs, and AUTH PLAIN/LOGIN (RFC 4616, the LOGIN
+draft; aiosmtpd's own mechanisms, only after TLS) against the Dovecot
+user's passwd-file entry, as a generic IMAP/SMTP host (or Dovecot's
+submission service) checks a password. Each accepted message is delivered by LMTP to
 recipients that are Dovecot users (others are recorded, not delivered, like
 mail relayed to the Internet) and a copy is filed in the sender's Sent folder
 (``[Gmail]/Sent Mail`` or ``Sent Items``, by the sender's layout).
@@ -19,6 +22,8 @@ import asyncio
 import base64
 import binascii
 import collections
+import dataclasses
+import hmac
 import itertools
 import json
 import re
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.testbed.dovecot import Dovecot
 from tests.testbed.netutil import LOOPBACK, free_ports
@@ -47,6 +52,8 @@ REPLY_TRANSIENT = {
     421: "421 4.7.0 Try again later, closing connection.",
     451: "451 4.3.0 Temporary server error. Please try again later.",
 }
+LOST_REPLY_HOLD_SECONDS = 600.0
+"""How long a held DATA reply waits (the client times out and drops the connection first)."""
 GMAIL_ERROR_CHALLENGE = {"status": "400", "schemes": "Bearer", "scope": "https://mail.google.com/"}
 _MESSAGE_ID = re.compile(rb"^Message-ID:[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*", re.I | re.M)
 
@@ -56,13 +63,15 @@ class Transaction:
     """One accepted message, for assertions.
 
     Attributes:
-        auth_user: the XOAUTH2 ``user=`` that authenticated.
+        auth_user: the XOAUTH2 ``user=`` or PLAIN/LOGIN login that authenticated.
         envelope_sender: MAIL FROM (RFC 5321 §3.3).
         envelope_recipients: RCPT TO, in order.
         delivered_to: the recipients that are Dovecot users (got it by LMTP).
         content: the bytes as delivered (Message-ID rewritten if asked).
         message_id: the Message-ID named in the reply when rewritten, else None.
         sent_folder: where the sender's copy went, or None (sender has no layout).
+        auth_mechanism: ``XOAUTH2``, ``PLAIN`` or ``LOGIN``.
+        reply_lost: the reply to the end of the data was held back (``lose_next_replies``).
     """
 
     auth_user: str
@@ -72,6 +81,16 @@ class Transaction:
     content: bytes
     message_id: str | None
     sent_folder: str | None
+    auth_mechanism: str = "XOAUTH2"
+    reply_lost: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _PasswordUser:
+    """``session.auth_data`` after PLAIN/LOGIN: the login and the mechanism."""
+
+    user: str
+    mechanism: str
 
 
 class _SubmissionSMTP(SMTP):
@@ -104,6 +123,7 @@ class SubmissionServer:
         self._tls.load_cert_chain(str(cert_file), str(key_file))
         self._lock = threading.Lock()
         self._failures: list[int] = []
+        self._lost_replies = 0
         self._internal_ids = itertools.count(1)
         self._controllers: list[Controller] = []
         self.port = 0
@@ -120,7 +140,7 @@ class SubmissionServer:
                 server_hostname=self.hostname,
                 tls_context=self._tls,
                 require_starttls=True,
-                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                authenticator=self._check_password,
             )
             implicit = _Controller(
                 self,
@@ -128,7 +148,7 @@ class SubmissionServer:
                 port=self.tls_port,
                 server_hostname=self.hostname,
                 ssl_context=self._tls,
-                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                authenticator=self._check_password,
             )
             try:
                 for controller in (starttls, implicit):
@@ -156,7 +176,38 @@ class SubmissionServer:
                 self._failures.clear()
             self._failures.extend([code] * count)
 
+    def lose_next_replies(self, count: int) -> None:
+        """Accept and deliver the next ``count`` messages but never answer their end of data.
+
+        The reply is held (up to ``LOST_REPLY_HOLD_SECONDS``) until the
+        client gives up and drops the connection: a 250 lost on the way,
+        the case a client cannot tell from a refusal. ``count = 0`` clears.
+        """
+        with self._lock:
+            self._lost_replies = count
+
     # -------------------------------------------------------------- hooks
+
+    def _check_password(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: object,
+    ) -> AuthResult:
+        """aiosmtpd authenticator for PLAIN and LOGIN: the Dovecot user's password.
+
+        A wrong or unknown login gets ``535 5.7.8`` like XOAUTH2. aiosmtpd
+        refuses both mechanisms before TLS (``auth_require_tls``).
+        """
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
+        user = auth_data.login.decode(errors="replace").lower()
+        expected = self._password_of(user)
+        if expected is not None and hmac.compare_digest(expected, auth_data.password):
+            return AuthResult(success=True, auth_data=_PasswordUser(user, mechanism))
+        return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
 
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
         """AUTH XOAUTH2 (Google's XOAUTH2 document; RFC 4954 §4 framing)."""
@@ -222,7 +273,15 @@ class SubmissionServer:
         if self.rewrite_message_id:
             message_id = f"{uuid.uuid4().hex.upper()}@{self.hostname}"
             content = _replace_message_id(content, message_id)
-        sender = str(session.auth_data)
+        auth = session.auth_data
+        sender, mechanism = (
+            (auth.user, auth.mechanism)
+            if isinstance(auth, _PasswordUser)
+            else (str(auth), "XOAUTH2")
+        )
+        with self._lock:
+            lose = self._lost_replies > 0
+            self._lost_replies -= lose
         transaction = await asyncio.to_thread(
             self._deliver,
             sender,
@@ -231,8 +290,11 @@ class SubmissionServer:
             content,
             message_id,
         )
+        transaction = dataclasses.replace(transaction, auth_mechanism=mechanism, reply_lost=lose)
         with self._lock:
             self.transactions.append(transaction)
+        if lose:  # cancelled by aiosmtpd when the client drops the connection
+            await asyncio.sleep(LOST_REPLY_HOLD_SECONDS)
         if message_id is None:
             return REPLY_QUEUED
         return (
@@ -241,6 +303,24 @@ class SubmissionServer:
         )
 
     # ------------------------------------------------------------ helpers
+
+    def _password_of(self, user: str) -> bytes | None:
+        """The PLAIN password of ``user`` in Dovecot's passwd-file, or None.
+
+        Reads ``passwd.d/<user>`` as ``Dovecot.add_user`` writes it:
+        ``user:{PLAIN}secret::::::``.
+        """
+        if "/" in user or not user:
+            return None
+        try:
+            line = (self.dovecot.root / "passwd.d" / user).read_text().splitlines()[0]
+        except (OSError, IndexError):
+            return None
+        name, _, rest = line.partition(":")
+        secret = rest.split(":", 1)[0]
+        if name != user or not secret.startswith("{PLAIN}"):
+            return None
+        return secret.removeprefix("{PLAIN}").encode()
 
     def _check_xoauth2(self, blob: bytes) -> str | None:
         fields = dict(
