@@ -5,7 +5,14 @@ client: CONNECTIONS concurrent aiosmtplib connections, each sending its
 share of COUNT ~10 KB messages on one SMTP session. The bare server is
 ``python -m aiosmtpd`` with ``aiosmtpd.handlers.Sink`` (accept and
 discard). mailgate runs ``mailgate serve`` on SQLite in a temp dir, with
-durability kept (spool fsync + commit before each 250).
+durability kept (spooled; raw and attachment blobs fsynced and the batch
+committed before each 250).
+
+Also prints each server's CPU time per message (user + system, all
+threads, from /proc) and mailgate's mean time per ingest stage (receive:
+the worker-thread hop that spools, prepares and stages blobs; queued: the
+wait for the batcher; load_facts, decide, apply; publish_wait: what the
+batch waited for its blobs' fsyncs; commit).
 
 Usage: .venv/bin/python bench/bench_smtp.py [--count 2000] [--connections 20]
 Not a test: it prints figures and never asserts on time.
@@ -45,6 +52,26 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def print_stages(metrics: str) -> None:
+    """Print the gateway's mean time per ingest stage (wall, including waits) from /metrics."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in metrics.splitlines():
+        for suffix, into in (("_sum{", sums), ("_count{", counts)):
+            if line.startswith("mailgate_ingest_stage_seconds" + suffix):
+                into[line.split('"')[1]] = float(line.split()[-1])
+    print("  mailgate stages (mean wall time per call, calls):")
+    for stage, total in sums.items():
+        print(f"    {stage:13} {total / counts[stage] * 1e3:7.2f} ms x {counts[stage]:.0f}")
+
+
 def message(index: int) -> bytes:
     msg = EmailMessage()
     msg["From"] = USER
@@ -67,8 +94,14 @@ async def wait_port(port: int) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
-async def drive(port: int, rcpt: str, messages: list[bytes], connections: int) -> float:
-    """Send every message over ``connections`` sessions; return messages/s."""
+async def drive(
+    port: int, rcpt: str, messages: list[bytes], connections: int, server_pid: int
+) -> float:
+    """Send every message over ``connections`` sessions; return messages/s.
+
+    Also prints the server process's CPU time per message (user + system,
+    all threads) over the same interval.
+    """
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for raw in messages:
         queue.put_nowait(raw)
@@ -81,9 +114,17 @@ async def drive(port: int, rcpt: str, messages: list[bytes], connections: int) -
             await client.sendmail(USER, [rcpt], raw)
         await client.quit()
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds(server_pid)
     await asyncio.gather(*(worker() for _ in range(connections)))
-    return len(messages) / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    user, system = (b - a for a, b in zip(cpu_start, cpu_seconds(server_pid), strict=True))
+    count = len(messages)
+    print(
+        f"  server CPU per message: {(user + system) / count * 1e3:.2f} ms"
+        f" (user {user / count * 1e3:.2f}, system {system / count * 1e3:.2f};"
+        f" {(user + system) / elapsed:.0%} of a core)"
+    )
+    return len(messages) / elapsed
 
 
 def mailgate(root: Path, *args: str) -> str:
@@ -117,21 +158,10 @@ async def bench_mailgate(root: Path, messages: list[bytes], connections: int) ->
         )
     try:
         await wait_port(smtp_port)
-        rate = await drive(smtp_port, rcpt["address"], messages, connections)
+        rate = await drive(smtp_port, rcpt["address"], messages, connections, proc.pid)
         url = f"http://127.0.0.1:{http_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:  # noqa: ASYNC210
-            accepted = [
-                line
-                for line in response.read().decode().splitlines()
-                if line.startswith(
-                    (
-                        "mailgate_messages_accepted_total",
-                        "mailgate_ingest_stage_seconds_sum",
-                        "mailgate_ingest_stage_seconds_count",
-                    )
-                )
-            ]
-        print("  mailgate metrics:", *accepted, sep="\n    ")
+            print_stages(response.read().decode())
         return rate
     finally:
         proc.terminate()
@@ -156,7 +186,7 @@ async def bench_sink(messages: list[bytes], connections: int) -> float:
     )
     try:
         await wait_port(port)
-        return await drive(port, "anyone@example.com", messages, connections)
+        return await drive(port, "anyone@example.com", messages, connections, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -12,9 +12,44 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+TMP_PREFIX = ".tmp-"
+"""Name prefix of a blob not yet published (never referenced by a row)."""
+
+
+def sha256_of(data: bytes) -> str:
+    """Return the blob key of ``data``: its SHA-256 as 64 lowercase hex digits."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StagedBlob:
+    """A blob written to a temporary file by ``BlobStore.stage``, not yet durable.
+
+    Attributes:
+        sha256: its key (lowercase hex).
+        tmp_path: the temporary file, in the blob's fan-out directory.
+        new_directory: whether staging created that fan-out directory.
+    """
+
+    sha256: str
+    tmp_path: Path
+    new_directory: bool
+
+
+class BlobWriter(Protocol):
+    """What ``storage.repos`` needs to store a blob: ``put(data) -> sha256`` (durable on return
+    or, for a batch writer, durable before its transaction commits)."""
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` and return its SHA-256 (lowercase hex)."""
+        ...
 
 
 class BlobStore:
@@ -54,26 +89,92 @@ class BlobStore:
         Raises:
             OSError: disk full, permissions; nothing partial is left visible.
         """
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256 = sha256_of(data)
+        staged = self._stage(data, sha256)
+        if staged is not None:
+            self.publish((staged,))
+        return sha256
+
+    def stage(self, data: bytes) -> StagedBlob | None:
+        """Write ``data`` to a temporary file beside its final path, without fsync.
+
+        The first half of a group write (``publish`` is the second): stage
+        every blob of a batch cheaply, then make them all durable with one
+        ``publish`` call, run while the database works on the same batch.
+
+        Returns:
+            The staged blob, or None when the blob already exists (nothing written).
+
+        Raises:
+            OSError: disk full, permissions; the temporary file is removed.
+        """
+        return self._stage(data, sha256_of(data))
+
+    def _stage(self, data: bytes, sha256: str) -> StagedBlob | None:
         final = self.path(sha256)
         if final.exists():
-            return sha256
-        new_dirs = not final.parent.is_dir()
+            return None
+        new_directory = not final.parent.is_dir()
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, final)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
-        if new_dirs:  # the fan-out directory's own entry must be durable too
+        return StagedBlob(sha256=sha256, tmp_path=Path(tmp_name), new_directory=new_directory)
+
+    def publish(self, staged: Iterable[StagedBlob]) -> None:
+        """Make staged blobs durable under their final names (fsync, rename, directory fsync).
+
+        Each file is fsynced, then renamed (POSIX rename(2) is atomic), then
+        each fan-out directory touched is fsynced once, and the root once
+        when a fan-out directory was created. Idempotent: a blob already
+        published (its temporary file gone, its final file present) is
+        skipped, and a temporary file whose blob appeared meanwhile is removed.
+
+        Raises:
+            FileNotFoundError: a staged blob has neither its temporary nor its
+                final file (removed by someone else); stage it again.
+            OSError: disk full, I/O error; files not yet renamed stay temporary.
+        """
+        directories: set[Path] = set()
+        new_directory = False
+        for blob in staged:
+            final = self.path(blob.sha256)
+            if not blob.tmp_path.exists():
+                if final.exists():
+                    continue
+                raise FileNotFoundError(f"staged blob {blob.sha256} is gone")
+            if final.exists():
+                blob.tmp_path.unlink(missing_ok=True)
+                continue
+            fd = os.open(blob.tmp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(blob.tmp_path, final)
+            directories.add(final.parent)
+            new_directory = new_directory or blob.new_directory
+        for directory in sorted(directories):
+            _fsync_dir(directory)
+        if new_directory:  # the fan-out directory's own entry must be durable too
             _fsync_dir(self.root)
-        return sha256
+
+    def discard_staged(self) -> int:
+        """Remove temporary files left by a crashed process; return how many.
+
+        Call at start-up, before anything stages or puts blobs (a temporary
+        file is never referenced by a row: rows are committed only after
+        ``publish``).
+        """
+        removed = 0
+        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def get(self, sha256: str) -> bytes:
         """Return the bytes of blob ``sha256``.

@@ -177,6 +177,12 @@ class Database:
             self._async_engine = make_engine(self.url)
             self._async_sessions = async_sessionmaker(self._async_engine, expire_on_commit=False)
 
+    @property
+    def runs_in_thread(self) -> bool:
+        """Whether ``run`` calls its function on the database thread (SQLite), where it
+        may block; on PostgreSQL it runs on the event loop and must not block."""
+        return self._executor is not None
+
     async def run(
         self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:

@@ -15,7 +15,8 @@ Builds ``ingest.types.Facts``; never writes.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -70,8 +71,29 @@ CONTACT_INITIATED_DEFAULTS: Mapping[Provider, bool] = {
 }
 """``providers.*.contact_initiated`` defaults (R2 for gmail; R3 for outlook and imap)."""
 
-_THREAD, _CHILD, _DUPLICATE = "t", "c", "d"
+_THREAD, _CHILD, _DUPLICATE, _PROVIDER_ID = "t", "c", "d", "p"
 """Row kinds of the ``messages`` UNION ALL in ``_message_facts``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FactRows:
+    """What the database holds for one message's ``Lookups`` (``Facts`` minus edge inputs).
+
+    Attributes:
+        sync_targets: sorted by sync address.
+        contacts: sorted by contact id.
+        users: sorted by (user id, address key).
+        threads: sorted by (thread id, sub-account id, Message-ID).
+        waiting_children: sorted by (message key, sub-account id).
+        duplicate_of: see ``load_facts``.
+    """
+
+    sync_targets: tuple[SyncTarget, ...]
+    contacts: tuple[ContactFact, ...]
+    users: tuple[UserFact, ...]
+    threads: tuple[ThreadFact, ...]
+    waiting_children: tuple[WaitingChild, ...]
+    duplicate_of: MessagePk | None
 
 
 def load_facts(
@@ -89,7 +111,7 @@ def load_facts(
 
     Args:
         session: open session; only SELECTs are issued (at most four, five
-            for IMAP-fetched mail).
+            for IMAP-fetched mail, six with an X-GM-THRID).
         lookups: from ``ingest.prepare``.
         aliases: user login email -> extra allowed From addresses (R15,
             ``bcc.aliases``); keys compared by address_key.
@@ -111,21 +133,78 @@ def load_facts(
         ``mailbox_connections`` (IMAP only) every connected mailbox row of
         the same provider account, one per sub-account, by sub-account.
     """
-    threads, children, duplicate_of = _message_facts(session, lookups)
-    if lookups.x_gm_thrid is not None:
-        threads += _gmail_thread_facts(session, lookups.x_gm_thrid)
+    (rows,) = load_fact_rows(session, (lookups,), aliases=aliases, bcc_domain=bcc_domain)
     connections = (
-        _mailbox_connections(session, origin.mailbox_id, contact_initiated)
+        mailbox_connections(session, origin.mailbox_id, contact_initiated)
         if origin is not None
         else ()
     )
+    return facts_of(session, rows, lookups, settings=settings, auth=auth, connections=connections)
+
+
+def load_fact_rows(
+    session: Session,
+    lookups: Sequence[Lookups],
+    *,
+    aliases: Mapping[str, tuple[str, ...]],
+    bcc_domain: str | None = None,
+) -> list[FactRows]:
+    """Load the ``FactRows`` of several messages with the statements of one (a batch).
+
+    At most four SELECTs in all, each with ``IN`` over the union of the
+    messages' keys; each message then gets exactly the rows its own keys
+    match, in the orders ``FactRows`` states, as if loaded alone.
+
+    Args:
+        lookups: one per message, in batch order.
+        aliases, bcc_domain: as for ``load_facts``.
+
+    Returns:
+        One ``FactRows`` per entry of ``lookups``, in the same order.
+    """
+    sync_addresses = {a for item in lookups for a in item.sync_addresses}
+    keys = frozenset(k for item in lookups for k in item.address_keys)
+    targets = _sync_targets(session, sync_addresses, aliases, bcc_domain)
+    contacts = _contacts(session, keys)
+    users = _users(session, keys)
+    messages = _message_facts(session, lookups)
+    out: list[FactRows] = []
+    for item, (threads, children, duplicate_of) in zip(lookups, messages, strict=True):
+        own_addresses = {a.strip().lower() for a in item.sync_addresses}
+        out.append(
+            FactRows(
+                sync_targets=tuple(t for t in targets if t.sync_address in own_addresses),
+                contacts=tuple(c for c in contacts if c.address_key in item.address_keys),
+                users=tuple(u for u in users if u.address_key in item.address_keys),
+                threads=threads,
+                waiting_children=children,
+                duplicate_of=duplicate_of,
+            )
+        )
+    return out
+
+
+def facts_of(
+    session: Session,
+    rows: FactRows,
+    lookups: Lookups,
+    *,
+    settings: RouteSettings,
+    auth: AuthResult | None,
+    connections: tuple[MailboxConnection, ...],
+) -> Facts:
+    """Complete ``rows`` into ``Facts``: edge inputs, and X-GM-THRID threads (one SELECT
+    when ``lookups.x_gm_thrid`` is set)."""
+    threads = rows.threads
+    if lookups.x_gm_thrid is not None:
+        threads += _gmail_thread_facts(session, lookups.x_gm_thrid)
     return Facts(
-        sync_targets=_sync_targets(session, lookups.sync_addresses, aliases, bcc_domain),
-        contacts=_contacts(session, lookups.address_keys),
-        users=_users(session, lookups.address_keys),
+        sync_targets=rows.sync_targets,
+        contacts=rows.contacts,
+        users=rows.users,
         threads=threads,
-        waiting_children=children,
-        duplicate_of=duplicate_of,
+        waiting_children=rows.waiting_children,
+        duplicate_of=rows.duplicate_of,
         auth=auth,
         settings=settings,
         mailbox_connections=connections,
@@ -167,7 +246,7 @@ def _gmail_thread_facts(session: Session, x_gm_thrid: int) -> tuple[ThreadFact, 
     )
 
 
-def _mailbox_connections(
+def mailbox_connections(
     session: Session, mailbox_id: int, contact_initiated: Mapping[Provider, bool]
 ) -> tuple[MailboxConnection, ...]:
     """Connected rows of the provider account ``mailbox_id`` belongs to (R4), one per sub-account.
@@ -314,51 +393,64 @@ def _users(session: Session, keys: frozenset[AddressKey]) -> tuple[UserFact, ...
     )
 
 
-def _message_facts(
-    session: Session, lookups: Lookups
-) -> tuple[tuple[ThreadFact, ...], tuple[WaitingChild, ...], MessagePk | None]:
-    """Threads holding the looked-up ids, children citing this message (R11), duplicate (R12).
+_MessageFacts = tuple[tuple[ThreadFact, ...], tuple[WaitingChild, ...], MessagePk | None]
 
-    One ``UNION ALL`` statement (``_MESSAGE_FACTS``); none when there is no
-    key at all. A part whose key is empty matches no row.
+
+def _message_facts(session: Session, lookups: Sequence[Lookups]) -> list[_MessageFacts]:
+    """Per message: threads holding its ids, children citing it (R11), its duplicate (R12).
+
+    One ``UNION ALL`` statement (``_MESSAGE_FACTS``) for all messages; none
+    when there is no key at all. Each row names the key it matched, so
+    each message gets the rows of its own keys. An empty key matches no row.
     """
-    if not (lookups.message_ids or lookups.own_message_id or lookups.identity_key):
-        return (), (), None
-    params = {
-        "ids": sorted(lookups.message_ids),
-        "own": lookups.own_message_id,
-        "identity": lookups.identity_key,
-    }
-    threads: set[ThreadFact] = set()
-    children: set[WaitingChild] = set()
-    duplicate_of: MessagePk | None = None
-    rows = session.connection().execute(_MESSAGE_FACTS, params)
-    for kind, mid, pk, thread_id, subaccount_id, state, origin in rows:
-        if kind == _THREAD:
-            threads.add(
-                ThreadFact(
-                    message_id=MessageId(mid),
-                    thread_id=ThreadId(thread_id),
-                    subaccount_id=SubaccountId(subaccount_id),
-                    state=state,
-                    origin=ThreadOrigin(origin),
+    ids = sorted({m for item in lookups for m in item.message_ids})
+    owns = sorted({item.own_message_id for item in lookups if item.own_message_id})
+    identities = sorted({item.identity_key for item in lookups if item.identity_key})
+    threads: dict[str, set[ThreadFact]] = defaultdict(set)
+    children: dict[str, set[WaitingChild]] = defaultdict(set)
+    by_identity: dict[str, MessagePk] = {}
+    by_provider_id: dict[str, MessagePk] = {}
+    if ids or owns or identities:
+        params = {"ids": ids, "owns": owns, "identities": identities}
+        rows = session.connection().execute(_MESSAGE_FACTS, params)
+        for kind, key, pk, thread_id, subaccount_id, state, origin in rows:
+            if kind == _THREAD:
+                threads[key].add(
+                    ThreadFact(
+                        message_id=MessageId(key),
+                        thread_id=ThreadId(thread_id),
+                        subaccount_id=SubaccountId(subaccount_id),
+                        state=state,
+                        origin=ThreadOrigin(origin),
+                    )
                 )
-            )
-        elif kind == _CHILD:
-            children.add(
-                WaitingChild(
-                    message_pk=MessagePk(pk),
-                    thread_id=ThreadId(thread_id),
-                    subaccount_id=SubaccountId(subaccount_id),
+            elif kind == _CHILD:
+                children[key].add(
+                    WaitingChild(
+                        message_pk=MessagePk(pk),
+                        thread_id=ThreadId(thread_id),
+                        subaccount_id=SubaccountId(subaccount_id),
+                    )
                 )
+            elif kind == _DUPLICATE:
+                by_identity[key] = MessagePk(pk)
+            else:
+                by_provider_id[key] = MessagePk(pk)
+    out: list[_MessageFacts] = []
+    for item in lookups:
+        own = item.own_message_id or ""
+        found = {fact for mid in item.message_ids for fact in threads.get(mid, ())}
+        duplicate_of = by_identity.get(item.identity_key) if item.identity_key else None
+        if duplicate_of is None and own:
+            duplicate_of = by_provider_id.get(own)
+        out.append(
+            (
+                tuple(sorted(found, key=lambda f: (f.thread_id, f.subaccount_id, f.message_id))),
+                tuple(sorted(children.get(own, ()), key=lambda c: (c.message_pk, c.subaccount_id))),
+                duplicate_of,
             )
-        else:
-            duplicate_of = MessagePk(pk)
-    return (
-        tuple(sorted(threads, key=lambda f: (f.thread_id, f.subaccount_id, f.message_id))),
-        tuple(sorted(children, key=lambda c: (c.message_pk, c.subaccount_id))),
-        duplicate_of,
-    )
+        )
+    return out
 
 
 _SYNC_TARGETS = (
@@ -430,22 +522,22 @@ _MESSAGE_FACTS: sa.CompoundSelect[*tuple[Any, ...]] = sa.union_all(
     )
     .join(MessageReference, MessageReference.message_pk == Message.id)
     .join(ThreadInstance, ThreadInstance.thread_id == Message.thread_id)
-    .where(MessageReference.referenced_message_id == sa.bindparam("own"))
+    .where(MessageReference.referenced_message_id.in_(sa.bindparam("owns", expanding=True)))
     .distinct(),
     # The stored copy with the same identity key.
     sa.select(
         sa.literal_column(f"'{_DUPLICATE}'"),
-        Message.message_id,
+        Message.identity_key,
         Message.id,
         Message.thread_id,
         sa.null(),
         sa.null(),
         sa.null(),
-    ).where(Message.identity_key == sa.bindparam("identity")),
+    ).where(Message.identity_key.in_(sa.bindparam("identities", expanding=True))),
     # A sent message whose provider rewrote its Message-ID (Exchange, R11): the
     # Sent-folder copy carries the provider's id as its own (R12).
     sa.select(
-        sa.literal_column(f"'{_DUPLICATE}'"),
+        sa.literal_column(f"'{_PROVIDER_ID}'"),
         KnownMessageId.message_id,
         KnownMessageId.message_pk,
         sa.null(),
@@ -453,12 +545,13 @@ _MESSAGE_FACTS: sa.CompoundSelect[*tuple[Any, ...]] = sa.union_all(
         sa.null(),
         sa.null(),
     ).where(
-        KnownMessageId.message_id == sa.bindparam("own"),
+        KnownMessageId.message_id.in_(sa.bindparam("owns", expanding=True)),
         KnownMessageId.kind == MessageIdKind.PROVIDER,
     ),
 )
-"""Rows ``(kind, message_id, pk, thread_id, subaccount_id, state, origin)``; an empty key
-matches none; ``origin`` (the synced thread's, R1/R2) is set on thread rows only."""
+"""Rows ``(kind, key, pk, thread_id, subaccount_id, state, origin)``: ``key`` is the
+Message-ID (thread, child and provider-id rows) or identity key (duplicate rows) the
+row matched; ``origin`` (the synced thread's, R1/R2) is set on thread rows only."""
 
 _PEER = aliased(Mailbox)
 

@@ -42,3 +42,39 @@ def insert_ignoring_duplicates(
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     session.connection().execute(insert(table_of(model)).on_conflict_do_nothing(), list(rows))
+
+
+class RowBuffer:
+    """Rows held back and inserted later with one executemany per table (a batch's rows).
+
+    For rows nothing in the same transaction reads before ``flush`` (a
+    message's participants, attachments, sync-log rows…): a group-commit
+    batch adds them per message and flushes once, so a table costs one
+    statement per batch instead of one per message. Tables are flushed in
+    the order they were first added to; every row's parents must already be
+    inserted (foreign keys are checked per statement).
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[type[Base], list[dict[str, Any]]] = {}
+
+    def add(self, model: type[Base], rows: Sequence[dict[str, Any]]) -> None:
+        """Hold ``rows`` for ``model``'s table until ``flush``."""
+        if rows:
+            self._rows.setdefault(model, []).extend(rows)
+
+    def flush(self, session: Session) -> None:
+        """Insert every held row (one executemany per table), then forget them."""
+        held, self._rows = self._rows, {}
+        for model, rows in held.items():
+            insert_rows(session, model, rows)
+
+
+def insert_or_hold(
+    session: Session, model: type[Base], rows: Sequence[dict[str, Any]], held: RowBuffer | None
+) -> None:
+    """Insert ``rows`` now, or hold them in ``held`` for its ``flush`` when one is given."""
+    if held is None:
+        insert_rows(session, model, rows)
+    else:
+        held.add(model, rows)

@@ -39,7 +39,7 @@ from ingest.types import (
     Provenance,
     ThreadId,
 )
-from storage.blobs import BlobStore
+from storage.blobs import BlobWriter
 from storage.models import (
     Contact,
     Conversation,
@@ -54,7 +54,13 @@ from storage.models import (
 )
 from storage.repos.conversations import ConversationView, conversation_view
 from storage.repos.facts import load_facts, resolve_sync_address
-from storage.repos.inserts import insert_ignoring_duplicates, insert_rows, table_of
+from storage.repos.inserts import (
+    RowBuffer,
+    insert_ignoring_duplicates,
+    insert_or_hold,
+    insert_rows,
+    table_of,
+)
 from storage.repos.sync_log import LogContext, add_log_rows
 from storage.repos.threads import ensure_instances, resolve_thread
 
@@ -78,7 +84,9 @@ __all__ = [
 ]
 
 
-def apply_decision(session: Session, decision: Decision, blobs: BlobStore) -> MessagePk | None:
+def apply_decision(
+    session: Session, decision: Decision, blobs: BlobWriter, held: RowBuffer | None = None
+) -> MessagePk | None:
     """Write what ``decision`` says, in the caller's transaction.
 
     - refusal (R15): only sync-log rows (one ``refused`` row at least); no blob.
@@ -93,6 +101,11 @@ def apply_decision(session: Session, decision: Decision, blobs: BlobStore) -> Me
       name it; returns None.
 
     Blob writes fsync: call this from a worker thread, not the event loop.
+
+    With ``held`` (a group-commit batch), the rows nothing reads before the
+    batch ends (ids, references, participants, attachments, conversation
+    links, sync log) are held there; the caller flushes it before COMMIT,
+    and before loading facts that may match the held ids or references.
 
     Returns:
         The stored (or already stored) message's key, or None.
@@ -114,20 +127,22 @@ def apply_decision(session: Session, decision: Decision, blobs: BlobStore) -> Me
         default = LogEntry(
             rule=decision.refusal.rule, reason=decision.refusal.reason, outcome=Outcome.REFUSED
         )
-        add_log_rows(session, context, _with_default(decision.log, default))
+        add_log_rows(session, context, _with_default(decision.log, default), held)
         return None
     if decision.duplicate_of is not None:
         pk = decision.duplicate_of
         _add_location(session, pk, prepared.raw.provenance)
         default = LogEntry(rule=DUPLICATE_RULE, reason="already stored", outcome=Outcome.DUPLICATE)
-        add_log_rows(session, replace(context, message_pk=pk), _with_default(decision.log, default))
+        add_log_rows(
+            session, replace(context, message_pk=pk), _with_default(decision.log, default), held
+        )
         return pk
     raw_sha256 = blobs.put(prepared.raw.raw)
     if not decision.stores:
-        add_log_rows(session, replace(context, raw_sha256=raw_sha256), decision.log)
+        add_log_rows(session, replace(context, raw_sha256=raw_sha256), decision.log, held)
         return None
-    pk = _store(session, decision, blobs, raw_sha256)
-    add_log_rows(session, replace(context, message_pk=pk), decision.log)
+    pk = _store(session, decision, blobs, raw_sha256, held)
+    add_log_rows(session, replace(context, message_pk=pk), decision.log, held)
     return pk
 
 
@@ -149,7 +164,9 @@ def add_provider_message_id(session: Session, message_pk: MessagePk, message_id:
         )
 
 
-def _store(session: Session, decision: Decision, blobs: BlobStore, raw_sha256: str) -> MessagePk:
+def _store(
+    session: Session, decision: Decision, blobs: BlobWriter, raw_sha256: str, held: RowBuffer | None
+) -> MessagePk:
     prepared = decision.prepared
     parsed = prepared.parsed
     if decision.thread is None:
@@ -176,37 +193,44 @@ def _store(session: Session, decision: Decision, blobs: BlobStore, raw_sha256: s
         "html_body": parsed.html_body,
     }
     pk = MessagePk(session.connection().execute(_INSERT_MESSAGE, row).scalar_one())
-    _add_children(session, decision, pk, attachment_shas)
+    _add_children(session, decision, pk, attachment_shas, held)
     _add_location(session, pk, provenance)
-    _link_conversations(session, decision, pk, thread_id)
+    _link_conversations(session, decision, pk, thread_id, held)
     return pk
 
 
 def _add_children(
-    session: Session, decision: Decision, pk: MessagePk, attachment_shas: list[str]
+    session: Session,
+    decision: Decision,
+    pk: MessagePk,
+    attachment_shas: list[str],
+    held: RowBuffer | None,
 ) -> None:
     """Ids, references, participants and attachments: one executemany per table."""
     parsed = decision.prepared.parsed
     if parsed.message_id is not None:
-        insert_rows(
+        insert_or_hold(
             session,
             KnownMessageId,
             [{"message_pk": pk, "message_id": parsed.message_id, "kind": MessageIdKind.OWN}],
+            held,
         )
-    insert_rows(
+    insert_or_hold(
         session,
         MessageReference,
         [
             {"message_pk": pk, "referenced_message_id": mid, "position": i}
             for i, mid in enumerate(decision.prepared.links.ancestors)
         ],
+        held,
     )
-    insert_rows(
+    insert_or_hold(
         session,
         MessageParticipant,
         participant_rows(pk, parsed.participants.all(), decision.extra_bcc),
+        held,
     )
-    insert_rows(
+    insert_or_hold(
         session,
         MessageAttachment,
         [
@@ -222,6 +246,7 @@ def _add_children(
             }
             for i, (a, sha) in enumerate(zip(parsed.attachments, attachment_shas, strict=True))
         ],
+        held,
     )
 
 
@@ -258,7 +283,11 @@ def participant_rows(
 
 
 def _link_conversations(
-    session: Session, decision: Decision, pk: MessagePk, thread_id: ThreadId
+    session: Session,
+    decision: Decision,
+    pk: MessagePk,
+    thread_id: ThreadId,
+    held: RowBuffer | None,
 ) -> None:
     """Link the message into each target's conversation once (R9), then ensure instances (R4)."""
     contacts: dict[int, tuple[int, str]] = {}  # contact_id -> (subaccount_id, rule); first wins
@@ -273,13 +302,14 @@ def _link_conversations(
     conversations = _get_or_create_conversations(
         session, {c: sub for c, (sub, _) in contacts.items()}
     )
-    insert_rows(
+    insert_or_hold(
         session,
         ConversationMessage,
         [
             {"conversation_id": conversations[contact_id], "message_pk": pk, "rule": rule}
             for contact_id, (_, rule) in contacts.items()
         ],
+        held,
     )
     ensure_instances(session, thread_id, {t.subaccount_id for t in decision.conversations})
 

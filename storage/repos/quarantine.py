@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ingest.types import ImapOrigin, LogEntry, Outcome, Provenance, RawMessage, Source
-from storage.blobs import BlobStore
+from storage.blobs import BlobWriter
 from storage.models import QuarantineEntry, utcnow
 from storage.repos.sync_log import LogContext, add_log_rows
 
@@ -26,7 +26,7 @@ def quarantine_message(
     raw: RawMessage,
     reason: str,
     traceback_text: str,
-    blobs: BlobStore,
+    blobs: BlobWriter,
 ) -> int:
     """Store ``raw`` in quarantine and log it with outcome ``quarantined``.
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from ingest.types import LogEntry, MailboxId, MessageId, MessagePk, Outcome, Source, SubaccountId
 from storage.models import SyncLogEntry
-from storage.repos.inserts import insert_rows
+from storage.repos.inserts import RowBuffer, insert_or_hold
 
 DEFAULT_LIST_LIMIT = 1000
 """Most rows ``list_sync_log`` returns unless told otherwise."""
@@ -60,9 +60,17 @@ class LogContext:
     raw_sha256: str | None = None
 
 
-def add_log_rows(session: Session, context: LogContext, entries: tuple[LogEntry, ...]) -> None:
-    """Insert one sync-log row per entry, in order (one executemany; nothing when empty)."""
-    insert_rows(
+def add_log_rows(
+    session: Session,
+    context: LogContext,
+    entries: tuple[LogEntry, ...],
+    held: RowBuffer | None = None,
+) -> None:
+    """Insert one sync-log row per entry, in order (one executemany; nothing when empty).
+
+    With ``held``, the rows are held there for its ``flush`` instead.
+    """
+    insert_or_hold(
         session,
         SyncLogEntry,
         [
@@ -80,6 +88,7 @@ def add_log_rows(session: Session, context: LogContext, entries: tuple[LogEntry,
             }
             for entry in entries
         ],
+        held,
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.blobs import BlobStore
+from storage.blobs import TMP_PREFIX, BlobStore
 
 
 def test_put_is_content_addressed_with_one_level_fanout(tmp_path: Path) -> None:
@@ -45,3 +45,50 @@ def test_bad_keys_are_rejected_and_missing_blobs_raise(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         store.get("0" * 64)
     assert not store.exists("0" * 64)
+
+
+def test_staged_blob_is_invisible_until_published_then_durable_under_its_name(
+    tmp_path: Path,
+) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    data = b"staged message bytes\r\n"
+    staged = store.stage(data)
+    assert staged is not None
+    assert staged.sha256 == hashlib.sha256(data).hexdigest()
+    assert staged.tmp_path.read_bytes() == data
+    assert staged.tmp_path.name.startswith(TMP_PREFIX)
+    assert not store.exists(staged.sha256)  # nothing final before publish
+    store.publish([staged])
+    assert store.get(staged.sha256) == data
+    assert not staged.tmp_path.exists()
+    store.publish([staged])  # idempotent: already published
+    assert store.stage(data) is None  # already stored: nothing written
+
+
+def test_publish_of_a_blob_stored_meanwhile_drops_the_temporary_file(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    staged = store.stage(b"twice")
+    assert staged is not None
+    store.put(b"twice")
+    store.publish([staged])
+    assert store.get(staged.sha256) == b"twice"
+    assert not staged.tmp_path.exists()
+
+
+def test_publish_of_a_vanished_staged_blob_raises(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    staged = store.stage(b"gone")
+    assert staged is not None
+    staged.tmp_path.unlink()
+    with pytest.raises(FileNotFoundError):
+        store.publish([staged])
+
+
+def test_discard_staged_removes_what_a_crashed_process_left(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    kept = store.put(b"kept")
+    left = [store.stage(b"left %d" % i) for i in range(3)]
+    assert all(blob is not None for blob in left)
+    assert store.discard_staged() == 3
+    assert store.get(kept) == b"kept"
+    assert not any(p.name.startswith(TMP_PREFIX) for p in (tmp_path / "blobs").rglob("*"))
