@@ -67,8 +67,7 @@ class _Written:
         return bool(
             not self.message_ids.isdisjoint(lookups.message_ids)
             or (
-                lookups.own_message_id is not None
-                and lookups.own_message_id in self.referenced_ids
+                lookups.own_message_id is not None and lookups.own_message_id in self.referenced_ids
             )
             or lookups.identity_key in self.identity_keys
             or not self.contact_keys.isdisjoint(lookups.address_keys)
