@@ -8,20 +8,14 @@ not compose (``ingest.compose``) nor judge limits (``ingest.limits``); a
 queue run's attempts (shared SMTP sessions, rows marked ahead, their order
 of commits) are ``gateway.outbound_run``'s.
 
-Crash policy (``reconcile``): a row found in ``sending`` at start-up is
-looked up in the mailbox's Sent folder by Message-ID: found → ``sent``;
-absent → queued again. A relay send has no Sent folder to ask, and a
-mailbox without a \\Sent folder cannot tell, so both are ``failed`` with
-``outcome_unknown`` rather than risk a second copy. A reply lost after the
-end of the data (``OutcomeUnknown``) is settled the same way at once
-(``_settle``), except that a generic IMAP send absent from Sent is also
-``outcome_unknown``: its copy is ours to APPEND after the 250 we never got,
-so its absence proves nothing.
+Crash policy (``reconcile``) and lost replies (``OutcomeUnknown``): the
+send is settled against the mailbox's Sent folder by
+``gateway.outbound_settle``, never resent blindly; this module supplies
+the ``sent`` and ``failed`` / ``outcome_unknown`` commits it chooses from.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import secrets
@@ -40,8 +34,8 @@ from gateway.config import Settings
 from gateway.errors import AuthError, TransientError
 from gateway.mailboxes import MailboxError, MailboxService
 from gateway.outbound_run import Commit, SendRun
-from gateway.sent_folder import sent_copy_exists
-from gateway.smtp.sender import ClientContexts, OutcomeUnknown, SubmitResult
+from gateway.outbound_settle import Settler
+from gateway.smtp.sender import ClientContexts, SubmitResult
 from ingest.compose import Draft, OutgoingAttachment, ParentRef, compose
 from ingest.limits import (
     QUOTA_WINDOW,
@@ -141,6 +135,14 @@ class OutboundService:
             max=float(settings.sync.reconnect_backoff_max_seconds),
         )
         self.webhook_urls = tuple(h.url for h in settings.webhooks if SEND_FAILED_EVENT in h.events)
+        self._settler = Settler(
+            db,
+            blobs,
+            target=self._target,
+            sent=self._sent_commit,
+            give_up=self._give_up_unknown_commit,
+            clock=clock,
+        )
 
     # ------------------------------------------------------------ enqueue
 
@@ -291,18 +293,23 @@ class OutboundService:
             self._tls,
             self._blobs,
             target=self._target,
-            sent=lambda record, content, result, copy_error: functools.partial(
-                self._finish_sent,
-                record=record,
-                content=content,
-                result=result,
-                copy_error=copy_error,
-            ),
+            sent=self._sent_commit,
             failed=lambda record, exc: functools.partial(
                 self._failed_attempt, record=record, exc=exc
             ),
-            unknown=self._reply_lost,
+            unknown=self._settler.reply_lost,
             clock=self._clock,
+        )
+
+    def _sent_commit(
+        self,
+        record: repo.OutboundRecord,
+        content: bytes,
+        result: SubmitResult,
+        copy_error: str | None,
+    ) -> Commit:
+        return functools.partial(
+            self._finish_sent, record=record, content=content, result=result, copy_error=copy_error
         )
 
     async def _target(self, record: repo.OutboundRecord) -> routes.Target:
@@ -386,81 +393,13 @@ class OutboundService:
     async def reconcile(self) -> int:
         """Settle every send left in ``sending`` by a crash; return how many were settled.
 
-        Per row (module docstring, docs/sending.md "Crash policy"): relay →
-        ``failed``/``outcome_unknown``; mailbox → the Sent folder is
+        Per row (docs/sending.md "Crash policy"; ``gateway.outbound_settle``):
+        relay → ``failed``/``outcome_unknown``; mailbox → the Sent folder is
         searched: found → ``sent``, absent → queued again (due now), no
         \\Sent folder → ``outcome_unknown``. A row whose mailbox or IMAP
         server cannot be reached now is left ``sending`` for the next start.
         """
-        settled = 0
-        for record in await self._db.read(repo.in_sending):
-            try:
-                settled += await self._reconcile_one(record)
-            except (TransientError, OSError, MailboxError):
-                log.warning("reconcile deferred", extra={"message_id": record.message_id})
-        return settled
-
-    async def _reconcile_one(self, record: repo.OutboundRecord) -> int:
-        if record.route != repo.ROUTE_MAILBOX:
-            error = "crashed during a relay send; not resent to avoid a second copy"
-            await self._db.run(self._give_up_unknown_commit(record, error), self._clock())
-            return 1
-        commit = await self._settle(record, await self._target(record), reply_lost=False)
-        await self._db.run(commit, self._clock())
-        return 1
-
-    async def _reply_lost(
-        self, record: repo.OutboundRecord, target: routes.Target, exc: OutcomeUnknown
-    ) -> Commit:
-        """``SendRun``'s ``unknown``: settle a lost reply now; an IMAP failure gives up."""
-        try:
-            return await self._settle(record, target, reply_lost=True)
-        except (TransientError, OSError) as search_exc:
-            log.warning(
-                "Sent folder not searched after a lost reply",
-                extra={"message_id": record.message_id, "reason": type(search_exc).__name__},
-            )
-            error = f"{exc}; Sent folder not searched ({type(search_exc).__name__})"
-            return self._give_up_unknown_commit(record, error)
-
-    async def _settle(
-        self, record: repo.OutboundRecord, target: routes.Target, *, reply_lost: bool
-    ) -> Commit:
-        """Return the commit that settles a send whose outcome is unknown.
-
-        Args:
-            record: the ``sending`` row.
-            target: its server and IMAP access.
-            reply_lost: True when the end of the data was written and the
-                reply lost (not a crash at an unknown point).
-
-        Raises:
-            TransientError: the Sent folder could not be searched.
-        """
-        access = target.search_access
-        if access is None:
-            return self._give_up_unknown_commit(record, "relay send: nothing to ask")
-        found = await asyncio.to_thread(sent_copy_exists, access, record.message_id)
-        if found:
-            content = await asyncio.to_thread(self._blobs.get, record.raw_sha256 or "")
-            result = SubmitResult(
-                code=250, reply="reconciled: found in Sent", provider_message_id=None
-            )
-            return functools.partial(
-                self._finish_sent, record=record, content=content, result=result
-            )
-        if found is None:
-            return self._give_up_unknown_commit(record, "no \\Sent folder to ask; not resent")
-        if reply_lost and target.append_access is not None:
-            error = "reply lost after DATA; the Sent copy is ours to APPEND, so not resent"
-            return self._give_up_unknown_commit(record, error)
-
-        def requeue(session: Session, now: datetime) -> None:
-            reason = "reply lost after DATA" if reply_lost else "requeued after crash"
-            error = f"{reason}; not in the Sent folder"
-            repo.schedule_retry(session, record.id, now, next_attempt_at=now, error=error)
-
-        return requeue
+        return await self._settler.reconcile()
 
     def _give_up_unknown_commit(self, record: repo.OutboundRecord, error: str) -> Commit:
         def give_up(session: Session, now: datetime) -> None:

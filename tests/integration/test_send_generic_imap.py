@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -101,12 +101,14 @@ async def database(tmp_path: Path) -> AsyncIterator[tuple[Database, BlobStore]]:
 
 
 @pytest.fixture
-def lossy(submission: SubmissionServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The next reply to an end of data is lost; the client gives up after 1 s."""
+def lossy(submission: SubmissionServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next reply to an end of data is lost; the client gives up after 1 s.
+
+    Both are undone after the test: ``monkeypatch`` restores the timeout and
+    the ``submission`` fixture clears ``lose_next_replies``.
+    """
     monkeypatch.setattr(smtp_sender, "TIMEOUT_SECONDS", LOST_REPLY_TIMEOUT_SECONDS)
     submission.lose_next_replies(1)
-    yield
-    submission.lose_next_replies(0)
 
 
 async def env_with_sender(

@@ -102,6 +102,7 @@ def submission(submission_server: SubmissionServer) -> Iterator[SubmissionServer
     yield submission_server
     submission_server.rewrite_message_id = False
     submission_server.fail_next(0)
+    submission_server.lose_next_replies(0)
 
 
 def make_user(
