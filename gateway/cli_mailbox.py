@@ -63,11 +63,38 @@ def _doc(record: MailboxRecord) -> dict[str, Any]:
     return doc
 
 
+def format_lag(seconds: float | None) -> str:
+    """Return a sync lag for people: ``-``, ``0.4s``, ``42s``, ``12m05s``, ``3h04m``, ``2d03h``.
+
+    Args:
+        seconds: ``MailboxRecord.sync_lag_seconds`` (≥ 0), or None (nothing
+            synced yet). Negative values are shown as 0.
+
+    Returns:
+        One short ASCII token, no spaces; precision drops as the lag grows
+        (tenths under 10 s, then whole seconds, minutes, hours), truncated
+        toward zero.
+    """
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{int(seconds * 10) / 10:.1f}s"
+    whole = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}{whole % size // sub_size:02d}{sub}"
+    if whole >= 60:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole}s"
+
+
 def _line(record: MailboxRecord) -> str:
     last = record.last_sync_at.isoformat() if record.last_sync_at else "-"
     return (
         f"{record.id}\t{record.provider.value}\t{record.address}\t{record.state.value}"
-        f"\tlast sync {last}" + (f"\t{record.last_error}" if record.last_error else "")
+        f"\tlast sync {last}\tlag {format_lag(record.sync_lag_seconds)}"
+        + (f"\t{record.last_error}" if record.last_error else "")
     )
 
 
@@ -137,7 +164,7 @@ def _imap_args(opts: dict[str, Any], json_mode: bool) -> tuple[ImapServer, str]:
 @mailbox_group.command("list")
 @common_options
 def mailbox_list(config: str | None, json_mode: bool) -> None:
-    """List mailboxes: id, provider, address, state, last sync, last error."""
+    """List mailboxes: id, provider, address, state, last sync, sync lag, last error."""
     records = _run(cli_settings(config, json_mode), json_mode, lambda s: s.list())
     emit(json_mode, [_doc(r) for r in records], "\n".join(_line(r) for r in records))
 
@@ -146,7 +173,7 @@ def mailbox_list(config: str | None, json_mode: bool) -> None:
 @click.argument("mailbox_id", type=int)
 @common_options
 def mailbox_show(mailbox_id: int, config: str | None, json_mode: bool) -> None:
-    """Show one mailbox."""
+    """Show one mailbox (``--json``: every field, ``sync_lag_seconds`` a float or null)."""
     record = _run(cli_settings(config, json_mode), json_mode, lambda s: s.get(mailbox_id))
     emit(json_mode, _doc(record), _line(record))
 

@@ -38,7 +38,11 @@ PROVIDER_PARAM = Param(
 
 
 def mailbox_json(record: MailboxRecord) -> dict[str, Any]:
-    """Return the public view of a mailbox: no credentials, no token expiry."""
+    """Return the public view of a mailbox: no credentials, no token expiry.
+
+    ``sync_lag_seconds`` is a number ≥ 0 or null (nothing synced yet);
+    its definition is in docs/imap.md "Sync lag".
+    """
     return {
         "id": record.id,
         "user_id": record.user_id,
@@ -49,6 +53,7 @@ def mailbox_json(record: MailboxRecord) -> dict[str, Any]:
         "connected_at": jsonable(record.connected_at),
         "disconnected_at": jsonable(record.disconnected_at),
         "last_sync_at": jsonable(record.last_sync_at),
+        "sync_lag_seconds": record.sync_lag_seconds,
         "last_error": record.last_error,
     }
 
@@ -154,7 +159,7 @@ def mailbox_endpoints(ctx: HttpContext) -> tuple[Endpoint, ...]:
             path=base + "/mailbox",
             method="GET",
             handler=r.get_mailbox,
-            summary="The user's mailbox: state, address, provider, last sync, last error",
+            summary="The user's mailbox: state, address, provider, last sync, sync lag, last error",
             params=params,
             errors=(400, 404),
         ),

@@ -273,13 +273,24 @@ class FolderWatcher:
         except Exception:
             log.warning("could not store imap error", extra=self.log_fields, exc_info=True)
 
-    async def _touch(self, *, force: bool) -> None:
-        """Write ``last_sync_at`` (and clear the error) after a commit or a quiet catch-up."""
+    async def _touch(self, *, force: bool, lag_seconds: float | None = None) -> None:
+        """Write ``last_sync_at`` (and clear the error) after a commit or a quiet catch-up.
+
+        Args:
+            force: write even if the last write is under ``SYNC_TOUCH_SECONDS`` old.
+            lag_seconds: the mailbox's ``sync_lag_seconds`` to store with it
+                (docs/imap.md "Sync lag"): the lag of a committed batch, 0.0
+                after a catch-up that found nothing new, None to leave the
+                stored value alone (after SELECT, before any catch-up).
+        """
         now = self._config.clock()
         last = self.last_sync_at
         if not force and last is not None and (now - last).total_seconds() < SYNC_TOUCH_SECONDS:
             return
-        await self._db.run(record_sync, self.target.mailbox_id, at=now)
+        if lag_seconds is None:
+            await self._db.run(record_sync, self.target.mailbox_id, at=now)
+        else:
+            await self._db.run(record_sync, self.target.mailbox_id, at=now, lag_seconds=lag_seconds)
         self.last_sync_at = now
         self.last_error = None
 
@@ -319,8 +330,10 @@ class FolderWatcher:
         await self._touch(force=True)
         while not self._stopping:
             self.state = WatcherState.CATCHING_UP
-            await self._catch_up(session, folder, uidvalidity)
-            await self._touch(force=False)
+            delivered = await self._catch_up(session, folder, uidvalidity)
+            # A pass that fetched nothing means this folder is level with the
+            # server: its lag is 0 (written at most once a minute, like the time).
+            await self._touch(force=False, lag_seconds=None if delivered else 0.0)
             if session.take_exists() or self._stopping:
                 continue
             self.state = WatcherState.IDLE
@@ -426,12 +439,17 @@ class FolderWatcher:
         everything = await session.uids_since(1)
         return int(everything[-1]) if everything else 0
 
-    async def _catch_up(self, session: ImapSession, folder: FolderInfo, uidvalidity: int) -> None:
+    async def _catch_up(self, session: ImapSession, folder: FolderInfo, uidvalidity: int) -> bool:
         """UID FETCH everything after the stored checkpoint, chunk by chunk, into the intake.
 
         The intake advances the stored checkpoint in each message's own
         transaction; the checkpoint is re-read here every time, so a chain
         that stopped short is fetched again (R12 drops what was stored).
+        After each committed chunk, ``last_sync_at`` and (when the chunk
+        stored a message) ``sync_lag_seconds`` are written.
+
+        Returns:
+            True when at least one message was fetched and delivered.
 
         Raises:
             ConnectionLost: the checkpoint was reset meanwhile (re-SELECT).
@@ -441,9 +459,10 @@ class FolderWatcher:
             raise ConnectionLost("checkpoint changed under the watcher")
         position = int(stored.checkpoint_uid)
         uids = await session.uids_since(position + 1)
+        delivered = False
         for start in range(0, len(uids), FETCH_CHUNK):
             if self._stopping:
-                return
+                return delivered
             fetched = await session.fetch(uids[start : start + FETCH_CHUNK])
             messages = [
                 (
@@ -463,23 +482,39 @@ class FolderWatcher:
             ]
             if messages:
                 results = await self._deliver(messages, position)
-                self._observe_lag(messages, results)
-                await self._touch(force=True)
+                delivered = True
+                lag = self._observe_lag(messages, results)
+                await self._touch(force=True, lag_seconds=lag)
                 position = int(messages[-1][1].uid)
+        return delivered
 
     def _observe_lag(
         self, messages: Sequence[tuple[bytes, ImapOrigin]], results: Sequence[IntakeResult]
-    ) -> None:
-        """Lag = commit time − INTERNALDATE, of each newly stored message (seconds)."""
+    ) -> float | None:
+        """Observe lag = commit time − INTERNALDATE of each newly stored message (seconds).
+
+        Every stored message with an INTERNALDATE (RFC 9051 §2.3.3) is one
+        sample of ``mailgate_sync_lag_seconds{provider}``; duplicates and
+        skipped messages are not (R6 skips old mail on purpose).
+
+        Returns:
+            The batch's lag for ``mailboxes.sync_lag_seconds``: that of its
+            newest stored message (latest INTERNALDATE), ≥ 0; None when the
+            batch stored nothing with an INTERNALDATE.
+        """
         now = self._config.clock()
         metrics = self._config.metrics
+        newest: float | None = None
         for (_raw, origin), result in zip(messages, results, strict=False):
             if result.status is not IntakeStatus.STORED or origin.internal_date is None:
                 continue
             lag = max(0.0, (now - origin.internal_date).total_seconds())
-            self.last_lag_seconds = lag
+            newest = lag if newest is None else min(newest, lag)
             if metrics is not None:
                 metrics.sync_lag_seconds.labels(provider=self.target.provider.value).observe(lag)
+        if newest is not None:
+            self.last_lag_seconds = newest
+        return newest
 
     async def _wait_for_mail(self, session: ImapSession) -> bool:
         """IDLE until mail, or renew; NOOP polling when the server lacks IDLE.

@@ -41,6 +41,10 @@ class Mailbox(Base):
     disconnected_at: Mapped[datetime | None] = mapped_column()
     last_sync_at: Mapped[datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(sa.Text)
+    # Migration 0005 (issue 4 item 6): commit time − INTERNALDATE of the newest
+    # message the last IMAP batch stored, 0 after a catch-up that found nothing
+    # new; NULL until a message was synced (docs/imap.md "Sync lag").
+    sync_lag_seconds: Mapped[float | None] = mapped_column(sa.Float)
     # Migration 0002 (issue 3): when the stored access token expires (None for
     # passwords); generic IMAP/SMTP server settings (hosts, ports, security,
     # username; never the password); the mailbox that replaced this one (R20).

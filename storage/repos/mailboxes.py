@@ -37,6 +37,10 @@ class MailboxRecord:
     Attributes:
         server_settings: generic IMAP/SMTP hosts, ports, security and
             username (never a password); None for OAuth providers.
+        sync_lag_seconds: how far behind the server the last IMAP sync was
+            (docs/imap.md "Sync lag"): commit time − INTERNALDATE of the
+            newest message stored by the last committed batch, 0.0 once a
+            catch-up found nothing new; None until a message was synced.
         token_expires_at: aware UTC expiry of the stored access token, or None.
         has_credentials: whether ciphertext is stored (False once disconnected).
     """
@@ -50,6 +54,7 @@ class MailboxRecord:
     connected_at: datetime | None
     disconnected_at: datetime | None
     last_sync_at: datetime | None
+    sync_lag_seconds: float | None = None
     last_error: str | None
     token_expires_at: datetime | None
     server_settings: Mapping[str, Any] | None
@@ -97,6 +102,7 @@ def _record(row: Mailbox) -> MailboxRecord:
         connected_at=row.connected_at,
         disconnected_at=row.disconnected_at,
         last_sync_at=row.last_sync_at,
+        sync_lag_seconds=row.sync_lag_seconds,
         last_error=row.last_error,
         token_expires_at=row.token_expires_at,
         server_settings=dict(row.server_settings) if row.server_settings is not None else None,
@@ -431,7 +437,9 @@ def _log_change(session: Session, change: StateChange, webhook_urls: tuple[str, 
     )
 
 
-def record_sync(session: Session, mailbox_id: int, *, at: datetime) -> None:
+def record_sync(
+    session: Session, mailbox_id: int, *, at: datetime, lag_seconds: float | None = None
+) -> None:
     """Note a successful sync of a connected mailbox: ``last_sync_at`` = ``at``, error cleared.
 
     Called by the IMAP watcher after a fetched batch committed (and once
@@ -443,16 +451,22 @@ def record_sync(session: Session, mailbox_id: int, *, at: datetime) -> None:
 
     Args:
         at: aware UTC time of the commit.
+        lag_seconds: new ``sync_lag_seconds`` (≥ 0; see ``MailboxRecord``),
+            or None to keep the stored one. Negative values (a server
+            clock ahead of ours) are stored as 0.
     """
+    values: dict[str, Any] = {
+        "last_sync_at": at,
+        "last_error": sa.case(
+            (Mailbox.last_error.like(f"{SUSPENDED_PREFIX}%"), Mailbox.last_error), else_=None
+        ),
+    }
+    if lag_seconds is not None:
+        values["sync_lag_seconds"] = max(0.0, lag_seconds)
     session.execute(
         sa.update(Mailbox)
         .where(Mailbox.id == mailbox_id, Mailbox.state == MailboxState.CONNECTED)
-        .values(
-            last_sync_at=at,
-            last_error=sa.case(
-                (Mailbox.last_error.like(f"{SUSPENDED_PREFIX}%"), Mailbox.last_error), else_=None
-            ),
-        )
+        .values(values)
     )
 
 

@@ -7,7 +7,9 @@ to our ``/oauth/callback``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from gateway.http.errors import FORBIDDEN, UNAUTHENTICATED, VALIDATION_FAILED
 from gateway.http.schemas import UNSUPPORTED_MEDIA_TYPE
 from gateway.mailboxes import ACCESS_DENIED, CALLBACK_PATH, NOT_CONNECTED
 from ingest.types import MailboxState, Provider
+from storage.db import Database
+from storage.repos.mailboxes import record_sync
 from storage.repos.oauth_states import STATE_USED
 from tests.integration.http_gateway import Gateway, callback_query, consent, start_gateway
 from tests.testbed.oauth_server import OAuthProvider
@@ -113,9 +117,24 @@ def test_r19_connect_via_api_then_callback_json(gw: Gateway, gmail_user: Testbed
     assert shown["address"] == gmail_user.address  # vouched for by the provider
     assert shown["provider"] == Provider.GMAIL.value
     assert {"last_sync_at", "last_error"} <= set(shown)
+    assert shown["sync_lag_seconds"] is None  # no IMAP watcher here: nothing synced yet
     assert not {"credentials_ciphertext", "access_token", "refresh_token"} & set(shown)
     replay = gw.api().get(gw.url + CALLBACK_PATH, params=query)
     assert_error(replay, 400, STATE_USED)
+    synced_at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    asyncio.run(record_sync_of(gw, shown["id"], at=synced_at, lag_seconds=12.5))
+    shown = gw.api().get(mailbox_url(gw), params={"subaccount": "acme"}).json()
+    assert shown["sync_lag_seconds"] == 12.5
+    assert datetime.fromisoformat(shown["last_sync_at"]) == synced_at
+
+
+async def record_sync_of(gw: Gateway, mailbox_id: int, *, at: datetime, lag_seconds: float) -> None:
+    """What the IMAP watcher writes after a committed batch (no watcher runs in this gateway)."""
+    db = Database(gw.settings.storage.database_url)
+    try:
+        await db.run(record_sync, mailbox_id, at=at, lag_seconds=lag_seconds)
+    finally:
+        await db.close()
 
 
 def test_r19_browser_callback_redirects_to_settings(gw: Gateway, outlook_user: TestbedUser) -> None:
