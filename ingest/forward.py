@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
+from ingest.charsets import decode_header_value
 from ingest.normalise import normalise_message_id, parse_addresses
 from ingest.parse import parse_message
 from ingest.types import Address, ForwardedOriginal, ParsedMessage
@@ -197,7 +198,8 @@ def _is_report(parsed: ParsedMessage) -> bool:
     top level, and for mail from MAILER-DAEMON or postmaster (an attached
     message from them is returned mail too, see ``_from_embedded``).
     """
-    content_type = (parsed.header("Content-Type") or "").strip().lower()
+    content_type, _defects = decode_header_value(parsed.header("Content-Type") or "")
+    content_type = content_type.lower()
     if content_type.startswith(NOT_FORWARD_CONTENT_TYPES):
         return True
     return _from_bounce_sender(parsed)

@@ -276,7 +276,13 @@ class ParsedMessage:
         attachments: attachments and inline parts in MIME order; the main
             text/html bodies are not repeated here.
         embedded: raw bytes of each message/rfc822 part, MIME order.
-        headers: every top-level header as (name, decoded value), in order.
+        headers: every top-level header as (name, value), in order, the
+            value as the compat32 parser read it: folded, encoded-words
+            (RFC 2047) kept, 8-bit bytes as lone surrogates
+            (``surrogateescape``). Only the headers above are decoded at
+            parse time (their defects, and those of any 8-bit or encoded
+            header, are in ``defects``); decode another with
+            ``ingest.charsets.decode_header_value``.
         defects: what was wrong; empty when clean.
         size_bytes: length of the raw message.
     """
@@ -300,7 +306,10 @@ class ParsedMessage:
     size_bytes: int
 
     def header(self, name: str) -> str | None:
-        """Return the first header called ``name`` (case-insensitive), or None."""
+        """Return the first header called ``name`` (case-insensitive), or None.
+
+        The value is as read (see ``headers``), not decoded.
+        """
         lname = name.lower()
         for key, value in self.headers:
             if key.lower() == lname:

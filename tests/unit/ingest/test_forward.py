@@ -198,3 +198,23 @@ def test_r13_html_to_text_keeps_mailto_addresses_and_drops_styles() -> None:
         "To: B <b@example.org>",
         "x\u00a0y",
     ]
+
+
+def _with_attached_message(content_type: bytes) -> bytes:
+    return (
+        b"From: a@example.com\r\nSubject: Fwd: hi\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type:" + content_type + b'\r\n boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsee below\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"From: orig@example.org\r\nSubject: hi\r\n\r\nbody\r\n--b--\r\n"
+    )
+
+
+def test_r13_folded_report_content_type_is_read_decoded() -> None:
+    """Content-Type is kept as read (folded); the report check unfolds it (RFC 6522)."""
+    report = parse_message(_with_attached_message(b"\r\n Multipart/Report;\r\n report-type=x;"))
+    assert "\n" in (report.header("Content-Type") or "")
+    assert find_forwarded(report) is None
+    mixed = find_forwarded(parse_message(_with_attached_message(b"\r\n multipart/mixed;")))
+    assert mixed is not None and mixed.from_ is not None
+    assert mixed.from_.addr_spec == "orig@example.org"

@@ -14,7 +14,7 @@ import random
 import pytest
 
 import ingest.parse as parse_module
-from ingest.charsets import UNDECLARED_8BIT, UNDECODABLE_CHARSET
+from ingest.charsets import UNDECLARED_8BIT, UNDECODABLE_CHARSET, decode_header_value
 from ingest.normalise import BAD_ADDRESS
 from ingest.parse import DUPLICATE_HEADER, PARSE_FAILED, UNPARSEABLE, parse_message
 from ingest.types import ParsedMessage
@@ -144,6 +144,18 @@ def test_headers_decoded_once_in_order_and_ids_normalised() -> None:
     assert parsed.references == ("r@h", "p@h")
     assert parsed.in_reply_to == ("p@h",)
     assert parsed.date_at is not None and parsed.date_at.hour == 8
+
+
+def test_headers_kept_as_read_and_every_header_defect_recorded() -> None:
+    raw = (
+        b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nX-Note: a\r\n b\r\n"
+        b"X-Latin: caf\xe9\r\nX-Word: =?x-unknown-cs?q?a?=\r\n\r\nx"
+    )
+    parsed = parse_message(raw)
+    assert parsed.header("x-note") == "a\r\n b"
+    assert decode_header_value(parsed.header("Subject") or "")[0] == "Grüße"
+    assert decode_header_value(parsed.header("X-Latin") or "")[0] == "café"
+    assert _kinds(parsed) >= {UNDECLARED_8BIT, UNDECODABLE_CHARSET}
 
 
 def test_r11_several_references_headers_are_joined() -> None:
