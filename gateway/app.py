@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ async def serve(settings: Settings) -> None:
         SchemaOutOfDate: the database must be upgraded first.
         OSError: a port is in use or the data directory is not writable.
     """
+    raise_open_files_limit()
     db = Database(settings.storage.database_url)
     try:
         await ensure_schema(db, settings)
@@ -107,6 +109,26 @@ async def serve(settings: Settings) -> None:
     finally:
         await db.close()
         log.info("stopped")
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft open-files limit to its hard limit; return the new soft limit.
+
+    Every watched folder holds one IMAP connection (two per mailbox: INBOX
+    and Sent), so 1,000 mailboxes need ~2,000 descriptors beside the SMTP
+    and HTTP clients, while the usual soft default is 1,024. The hard limit
+    is the administrator's (systemd ``LimitNOFILE=``, docs/operations.md);
+    this only claims it. Follows POSIX getrlimit/setrlimit (RLIMIT_NOFILE).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            log.warning("open-files limit not raised", extra={"soft": soft, "hard": hard})
+    log.info("open-files limit", extra={"soft": soft, "hard": hard})
+    return soft
 
 
 def ping(session: Session) -> None:

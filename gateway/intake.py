@@ -2,9 +2,9 @@
 
 States of one message::
 
-    received ──one worker-thread hop: spool write, prepare, stage blobs──▶ queued
+    received ──one worker-thread hop: spool write, prepare──▶ queued
       queued ──batch: BatchFacts → decide → apply_decision (rows held)──▶ flushed
-      flushed ──blobs published (fsync) + COMMIT──▶ committed
+      flushed ──blobs written (fsync, on the blob thread) + COMMIT──▶ committed
       committed ──▶ spool entry deleted, waiter answered
 
 IMAP door (``accept_fetched``): the watcher hands over a fetched message
@@ -21,7 +21,7 @@ each message is decided and applied in turn (facts an earlier message of
 the batch made stale are loaded again, so each sees the rows written for
 earlier ones), the rows nothing reads before the end are inserted once per
 table, and one COMMIT acknowledges them all (group commit). The batch's
-staged blobs are published on the blob thread meanwhile; the COMMIT waits
+blobs are written and fsynced on the blob thread meanwhile; the COMMIT waits
 for them. DKIM/SPF checks (async, DNS) run before the batch enters the
 database. If the batch raises, it is rolled back and re-run one message at
 a time; a message that fails alone is retried once (an identity race
@@ -43,17 +43,15 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from gateway.config import BccSettings
-from gateway.intake_result import IntakeResult, IntakeStatus
+from gateway.intake_batch import BatchBlobs, BatchRunner, IntakeJob, Work
+from gateway.intake_result import IntakeResult
 from gateway.observability import Metrics
 from gateway.spool import Spool, SpoolCorrupt
-from ingest.pipeline import decide, prepare
+from ingest.pipeline import prepare
 from ingest.types import (
     AddressKey,
     AuthResult,
@@ -61,17 +59,13 @@ from ingest.types import (
     Prepared,
     Provider,
     RawMessage,
-    RouteSettings,
     SmtpEnvelope,
 )
-from storage.blobs import BlobStore, StagedBlob, sha256_of
+from storage.blobs import BlobStore, sha256_of
 from storage.db import Database
-from storage.repos.batch import BatchFacts
 from storage.repos.facts import CONTACT_INITIATED_DEFAULTS
-from storage.repos.folders import advance_checkpoint
-from storage.repos.inserts import RowBuffer
-from storage.repos.messages import apply_decision, resolve_sync_address
-from storage.repos.quarantine import quarantine_message, source_of
+from storage.repos.messages import resolve_sync_address
+from storage.repos.quarantine import source_of
 
 log = logging.getLogger(__name__)
 
@@ -79,48 +73,11 @@ SYNC_ADDRESS_TTL_SECONDS = 60.0
 """How long a sync address found at RCPT is trusted without a new lookup."""
 
 AuthCheck = Callable[[Prepared], Awaitable[AuthResult | None]]
-_Work = list[tuple["_Job", AuthResult | None]]
-
-
-@dataclass(slots=True, kw_only=True)
-class _Job:
-    message: RawMessage
-    prepared: Prepared | None
-    failure: str | None
-    spool_path: Path | None
-    future: asyncio.Future[IntakeResult] = field(repr=False)
-    previous_uid: int | None = None
-    staged: tuple[StagedBlob, ...] = ()
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 def raw_message(raw: bytes, envelope: SmtpEnvelope | ImapOrigin) -> RawMessage:
     """Build the ``RawMessage`` for bytes received over SMTP or fetched over IMAP."""
     return RawMessage(raw=raw, provenance=envelope, sha256=hashlib.sha256(raw).hexdigest())
-
-
-def _stage_all(blobs: BlobStore, payloads: tuple[bytes, ...]) -> tuple[StagedBlob, ...]:
-    staged = (blobs.stage(payload) for payload in payloads)
-    return tuple(blob for blob in staged if blob is not None)
-
-
-class _BatchBlobs:
-    """The ``BlobWriter`` a batch's repositories write through.
-
-    ``put`` of a blob staged for this batch returns its key without I/O:
-    the batch publishes (fsyncs) every staged blob before its COMMIT. Any
-    other blob is stored durably at once by the ``BlobStore``.
-    """
-
-    def __init__(self, store: BlobStore, staged: Sequence[StagedBlob]) -> None:
-        self._store = store
-        self._staged = frozenset(blob.sha256 for blob in staged)
-
-    def put(self, data: bytes) -> str:
-        sha256 = sha256_of(data)
-        if sha256 in self._staged:
-            return sha256
-        return self._store.put(data)
 
 
 def _utc_now() -> datetime:
@@ -159,11 +116,18 @@ class Intake:
         self._batch_max = batch_max
         self._backfill_days = backfill_days
         self._contact_initiated = dict(contact_initiated)
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[IntakeJob | None] = asyncio.Queue()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._known: dict[str, tuple[float, frozenset[AddressKey]]] = {}
+        self._runner = BatchRunner(
+            bcc=bcc,
+            backfill_days=backfill_days,
+            contact_initiated=self._contact_initiated,
+            clock=clock,
+            timed=self._timed,
+        )
         self._publisher = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="mailgate-blobs"
         )
@@ -277,23 +241,21 @@ class Intake:
             for rcpt in envelope.envelope_recipients
         )
 
-    def _stage_blobs(self, prepared: Prepared) -> tuple[StagedBlob, ...]:
-        """Stage the raw message and attachment blobs before the batch (worker thread).
+    def _blobs_of(self, prepared: Prepared) -> tuple[bytes, ...]:
+        """The raw message and attachment payloads the batch writes itself (no I/O).
 
-        Staging writes temporary files without fsync; the batch then
-        publishes all of its staged blobs in one call on the blob thread,
-        while the database thread runs the batch's statements, and COMMITs
-        only after that (``_commit``). Before, every blob cost two fsyncs
-        in the shared worker pool and the spool writes queued behind them
-        (8.8 ms spool and 11.5 ms blob waits per message under
-        bench/bench_smtp.py). Done only when R15 will most likely pass, so
-        refused mail usually leaves nothing behind; a rolled-back batch
-        leaves a harmless orphan (same bytes, same name).
+        The batch writes them on the blob thread with ``BlobStore.put_many``
+        (written and fsynced in parallel) while the database thread runs
+        its statements, and COMMITs only after that (``_commit``). Before,
+        every blob cost two fsyncs in the shared worker pool inside the SMTP
+        round trip. Done only when R15 will most likely pass, so refused
+        mail usually leaves nothing behind (otherwise ``apply_decision``
+        writes what it needs through ``BlobStore.put``); a rolled-back
+        batch leaves a harmless orphan (same bytes, same name).
         """
         if not self._sender_is_known_user(prepared):
             return ()
-        payloads = (prepared.raw.raw, *(a.payload for a in prepared.parsed.attachments))
-        return _stage_all(self._blobs, payloads)
+        return (prepared.raw.raw, *(a.payload for a in prepared.parsed.attachments))
 
     async def recover(self) -> int:
         """Process every spool entry left by a previous run; return how many.
@@ -323,7 +285,8 @@ class Intake:
         try:
             await self._batches()
         finally:
-            self._publisher.shutdown(wait=False)
+            # Let the last spool removals finish.
+            await asyncio.to_thread(self._publisher.shutdown, True)
 
     async def _batches(self) -> None:
         while True:
@@ -364,14 +327,14 @@ class Intake:
     ) -> asyncio.Future[IntakeResult]:
         """Receive one message in ONE worker-thread hop, then queue it for the batcher.
 
-        The hop spools (when ``spool``), prepares and stages the blobs
+        The hop spools (when ``spool``), hashes and prepares the message
         (``_receive``): one hop instead of one per step, because every hop
         waits for the GIL behind the event loop and the database thread
         (three hops cost 20 ms of queueing per message under
         bench/bench_smtp.py). ``prepare`` is pure, so any thread may run it.
 
         Raises:
-            OSError: the spool write or the blob staging failed (nothing queued).
+            OSError: the spool write failed (nothing queued).
         """
         future: asyncio.Future[IntakeResult] = asyncio.get_running_loop().create_future()
         with self._timed("receive"):
@@ -389,21 +352,22 @@ class Intake:
         spool: bool,
         spool_path: Path | None,
         previous_uid: int | None,
-    ) -> _Job:
-        """Sync, on a worker thread: spool, prepare, stage blobs; the job for the batcher."""
+    ) -> IntakeJob:
+        """Sync, on a worker thread: spool, hash, prepare; the job for the batcher."""
         if spool and isinstance(provenance, SmtpEnvelope):
             spool_path = self._spool.write(raw, provenance)
         message = raw_message(raw, provenance)
         prepared, failure = self._prepare(message)
-        staged = self._stage_blobs(prepared) if prepared is not None else ()
-        return _Job(
+        payloads = self._blobs_of(prepared) if prepared is not None else ()
+        return IntakeJob(
             message=message,
             prepared=prepared,
             failure=failure,
             spool_path=spool_path,
             future=future,
             previous_uid=previous_uid,
-            staged=staged,
+            blobs=payloads,
+            blob_keys=frozenset(sha256_of(payload) for payload in payloads),
         )
 
     def _prepare(self, message: RawMessage) -> tuple[Prepared | None, str | None]:
@@ -422,7 +386,7 @@ class Intake:
         finally:
             self._metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - start)
 
-    async def _process(self, batch: list[_Job]) -> None:
+    async def _process(self, batch: list[IntakeJob]) -> None:
         started = time.perf_counter()
         for job in batch:
             self._metrics.stage_seconds.labels(stage="queued").observe(started - job.queued_at)
@@ -440,7 +404,7 @@ class Intake:
                 return
         self._finish(batch, results)
 
-    async def _single(self, job: _Job) -> list[IntakeResult] | None:
+    async def _single(self, job: IntakeJob) -> list[IntakeResult] | None:
         """Retry one job (identity race → duplicate), then quarantine it."""
         try:
             return await self._commit([job], quarantine_failures=False)
@@ -459,16 +423,18 @@ class Intake:
                 job.future.set_exception(exc)
             return None
 
-    async def _commit(self, batch: list[_Job], *, quarantine_failures: bool) -> list[IntakeResult]:
+    async def _commit(
+        self, batch: list[IntakeJob], *, quarantine_failures: bool
+    ) -> list[IntakeResult]:
         """Run the batch in one transaction (one ``Database.run``); results after COMMIT.
 
-        The batch's staged blobs are published on the blob thread while the
-        statements run; the transaction waits for that before its COMMIT
+        The batch's blobs are written (``BlobStore.put_many``) on the blob
+        thread while the statements run; the transaction waits for that before its COMMIT
         (on PostgreSQL, whose statements run on the event loop, before the
         transaction starts), so no committed row names a blob that is not
         durable.
         """
-        work: _Work = []
+        work: Work = []
         for job in batch:
             auth = None
             if (
@@ -479,121 +445,38 @@ class Intake:
             ):
                 auth = await self._auth_check(job.prepared)
             work.append((job, auth))
-        staged = [blob for job in batch for blob in job.staged]
-        published = self._publisher.submit(self._blobs.publish, staged) if staged else None
+        payloads = [payload for job in batch for payload in job.blobs]
+        published = self._publisher.submit(self._blobs.put_many, payloads) if payloads else None
         if published is not None and not self._db.runs_in_thread:
             await asyncio.wrap_future(published)
-        blobs = _BatchBlobs(self._blobs, staged)
+        blobs = BatchBlobs(self._blobs, frozenset(k for job in batch for k in job.blob_keys))
         results, done_at = await self._db.run(
-            self._run_batch, work, quarantine_failures, blobs, published
+            self._runner.run, work, quarantine_failures, blobs, published
         )
         # The DB thread's COMMIT (and the hop back to the loop) follow ``done_at``.
         elapsed = time.perf_counter() - done_at
         self._metrics.stage_seconds.labels(stage="commit").observe(elapsed)
         return results
 
-    def _run_batch(
-        self,
-        session: Session,
-        work: _Work,
-        quarantine_failures: bool,
-        blobs: _BatchBlobs,
-        published: concurrent.futures.Future[None] | None,
-    ) -> tuple[list[IntakeResult], float]:
-        """Sync, in the database's transaction: each job in turn; returns (results, end time).
-
-        Raises:
-            OSError: publishing the batch's blobs failed (the batch rolls back).
-        """
-        held = RowBuffer()
-        lookups = [
-            None if job.prepared is None or quarantine_failures else job.prepared.lookups
-            for job, _ in work
-        ]
-        with self._timed("load_facts"):
-            facts = BatchFacts(
-                session,
-                lookups,
-                held=held,
-                aliases=self._bcc.aliases,
-                bcc_domain=self._bcc.domain,
-                contact_initiated=self._contact_initiated,
-            )
-        results: list[IntakeResult] = []
-        for index, (job, auth) in enumerate(work):
-            if job.prepared is None or quarantine_failures:
-                results.append(self._quarantine(session, job, blobs))
-            else:
-                results.append(self._store(job.prepared, auth, blobs, facts, index, held))
-            self._advance(session, job)
-        with self._timed("apply"):
-            held.flush(session)
-        if published is not None:
-            with self._timed("publish_wait"):
-                published.result()
-        return results, time.perf_counter()
-
-    @staticmethod
-    def _advance(session: Session, job: _Job) -> None:
-        """Move the IMAP folder checkpoint past this job, in the batch's transaction."""
-        origin = job.message.provenance
-        if not isinstance(origin, ImapOrigin):
-            return
-        previous = job.previous_uid if job.previous_uid is not None else 0
-        advance_checkpoint(
-            session, origin.mailbox_id, origin.folder, origin.uidvalidity, origin.uid, previous
-        )
-
-    def _store(
-        self,
-        prepared: Prepared,
-        auth: AuthResult | None,
-        blobs: _BatchBlobs,
-        batch: BatchFacts,
-        index: int,
-        held: RowBuffer,
-    ) -> IntakeResult:
-        origin = prepared.raw.provenance
-        with self._timed("load_facts"):
-            facts = batch.facts(
-                index,
-                prepared.lookups,
-                settings=RouteSettings(
-                    create_contacts=self._bcc.create_contacts,
-                    require_dmarc=self._bcc.require_dmarc,
-                    backfill_days=self._backfill_days,
-                ),
-                auth=auth,
-                origin=origin if isinstance(origin, ImapOrigin) else None,
-            )
-        with self._timed("decide"):
-            decision = decide(prepared, facts, self._clock())
-        with self._timed("apply"):
-            pk = apply_decision(batch.session, decision, blobs, held)
-            batch.wrote(decision)
-        if decision.refusal is not None:
-            return IntakeResult(status=IntakeStatus.REFUSED, refusal=decision.refusal)
-        if decision.duplicate_of is not None:
-            return IntakeResult(status=IntakeStatus.DUPLICATE, message_pk=decision.duplicate_of)
-        if pk is None:
-            return IntakeResult(status=IntakeStatus.UNROUTED)
-        return IntakeResult(status=IntakeStatus.STORED, message_pk=pk)
-
-    def _quarantine(self, session: Session, job: _Job, blobs: _BatchBlobs) -> IntakeResult:
-        reason = "pipeline failure" if job.prepared is None else "storage failure"
-        quarantine_message(session, job.message, reason, job.failure or "", blobs)
-        return IntakeResult(status=IntakeStatus.QUARANTINED)
-
-    def _finish(self, batch: list[_Job], results: list[IntakeResult]) -> None:
+    def _finish(self, batch: list[IntakeJob], results: list[IntakeResult]) -> None:
         paths = tuple(job.spool_path for job in batch if job.spool_path is not None)
-        self._spool.remove(paths)  # unlink is cheap; a lost unlink only means a duplicate
+        if paths:
+            # Off the event loop: an unlink waits for the filesystem journal, which
+            # the batches' fsyncs keep busy. A lost unlink only means a duplicate.
+            self._publisher.submit(self._remove_spooled, paths)
         for job, result in zip(batch, results, strict=True):
             self._count(job, result)
             self._log(job, result)
             if not job.future.done():
                 job.future.set_result(result)
 
-    def _log(self, job: _Job, result: IntakeResult) -> None:
+    def _remove_spooled(self, paths: tuple[Path, ...]) -> None:
+        try:
+            self._spool.remove(paths)
+        except OSError:
+            log.warning("spool entries not removed", extra={"count": len(paths)}, exc_info=True)
+
+    def _log(self, job: IntakeJob, result: IntakeResult) -> None:
         fields: dict[str, object] = {
             "size_bytes": len(job.message.raw),
             "message_pk": result.message_pk,
@@ -604,7 +487,7 @@ class Intake:
             fields.update(rule=result.refusal.rule, reason=result.refusal.reason)
         log.info(f"message {result.status.value}", extra=fields)
 
-    def _count(self, job: _Job, result: IntakeResult) -> None:
+    def _count(self, job: IntakeJob, result: IntakeResult) -> None:
         source = source_of(job.message.provenance).value
         if result.refusal is not None:
             self._metrics.refused.labels(source=source, rule=result.refusal.rule).inc()

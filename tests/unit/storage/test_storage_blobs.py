@@ -92,3 +92,16 @@ def test_discard_staged_removes_what_a_crashed_process_left(tmp_path: Path) -> N
     assert store.discard_staged() == 3
     assert store.get(kept) == b"kept"
     assert not any(p.name.startswith(TMP_PREFIX) for p in (tmp_path / "blobs").rglob("*"))
+
+
+def test_put_many_stores_each_payload_once_in_order(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    existing = store.put(b"already here")
+    payloads = [b"one", b"two", b"one", b"already here", b""]
+    keys = store.put_many(payloads)
+    assert keys == [hashlib.sha256(p).hexdigest() for p in payloads]
+    assert keys[3] == existing
+    assert [store.get(k) for k in keys] == payloads
+    leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.name.startswith(TMP_PREFIX)]
+    assert leftovers == []
+    assert store.put_many([]) == []
