@@ -4,8 +4,9 @@ Edge module. A ``SendRun`` owns what the sends of one run share (open
 ``Submissions`` by server and login, targets looked up once), each
 attempt (submission, then the Sent APPEND where the provider files no
 copy, R18) and the order of the database work around the attempts. It
-does not decide what an outcome means (``gateway.outbound`` supplies the
-commits), nor route, compose or reconcile.
+does not decide what an outcome means (``gateway.outbound`` and
+``gateway.outbound_settle`` supply the commits), nor route, compose or
+reconcile.
 
 Per send, every step committed before the next (docs/sending.md)::
 

@@ -4,6 +4,8 @@ Edge module: owns one ``ImapSession`` at a time and one checkpoint; it
 decides nothing about routing (``gateway.intake`` → ``ingest.decide``)
 and never writes message rows itself. IDLE only wakes it: data always
 comes from ``UID FETCH`` starting after the checkpoint (STYLE.md §8).
+Folder discovery and the checkpoint at SELECT are in ``checkpoint.py``,
+``last_sync_at``/lag/error bookkeeping in ``sync_status.py``.
 
 States (one pass of ``run``; every arrow into ``backoff`` closes the socket)::
 
@@ -13,17 +15,17 @@ States (one pass of ``run``; every arrow into ``backoff`` closes the socket)::
       │            │  AUTHENTICATIONFAILED:     (RFC 9051 §2.3.1.1)     │ ▲
       │            │  force_refresh once,       none → baseline (R6)    ▼ │ EXISTS
       │            │  then retry login          changed → resync (R12)  idle / poll
-      │            │                                                    │ renew every
-      │            └── reauth_required / disconnected ──▶ finished      │ idle_renew_seconds
+      │            │                            too often → suspended   │ renew every
+      │            │                                                    │ idle_renew_seconds
+      │            └── reauth_required / disconnected ──▶ finished      │ (→ select again)
       └── ConnectionLost, LoginRejected, DB error ──▶ backoff ──────────┘
                           (capped, jittered; sync.reconnect_backoff_max_seconds)
 
-First sync (no checkpoint) and UIDVALIDITY change: the checkpoint is set
-just below the first message whose INTERNALDATE may be after
-``connected_at`` − ``sync.backfill_days`` (UID SEARCH SINCE, one day of
-margin for the server's time zone); those messages are fetched and R6
-(in ``ingest``) skips the ones that are older, R12 drops what is already
-stored. Nothing older is replayed as new.
+No folder for the role: state ``no_folder``, looked for again every
+``idle_renew_seconds``. First sync and UIDVALIDITY change: the checkpoint
+is set just below the backfill window (``checkpoint.py``); R6 (in
+``ingest``) skips the older messages fetched, R12 drops what is already
+stored, so nothing older is replayed as new.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,7 +41,16 @@ from enum import StrEnum
 from typing import Protocol
 
 from gateway.errors import TransientError
-from gateway.imap.responses import FolderInfo, SelectInfo, find_folder
+from gateway.imap.checkpoint import (
+    UIDVALIDITY_RESET_LIMIT,
+    UIDVALIDITY_RESET_WINDOW_SECONDS,
+    FolderMissing,
+    FolderSuspended,
+    ResetWindow,
+    resolve_folder,
+    settle_checkpoint,
+)
+from gateway.imap.responses import FetchedMessage, FolderInfo
 from gateway.imap.session import (
     FETCH_CHUNK,
     ConnectionLost,
@@ -48,19 +58,14 @@ from gateway.imap.session import (
     ImapSession,
     LoginRejected,
 )
-from gateway.intake_result import IntakeResult, IntakeStatus
+from gateway.imap.sync_status import SyncStatus
+from gateway.intake_result import IntakeResult
 from gateway.mailboxes import NOT_CONNECTED, REAUTH_REQUIRED, MailboxError
 from gateway.observability import Metrics
 from ingest.types import ImapOrigin, MailboxId, Provider, UidValidity
 from storage.db import Database
-from storage.repos.folders import (
-    BASELINE_RULE,
-    UIDVALIDITY_RULE,
-    Checkpoint,
-    load_checkpoint,
-    reset_checkpoint,
-)
-from storage.repos.mailboxes import SUSPENDED_PREFIX, record_sync, record_sync_error
+from storage.repos.folders import load_checkpoint
+from storage.repos.mailboxes import SUSPENDED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +74,6 @@ POLL_SECONDS = 30.0
 
 BACKOFF_INITIAL_SECONDS = 1.0
 """First reconnect delay; doubles per failure up to ``sync.reconnect_backoff_max_seconds``."""
-
-DEFAULT_FOLDERS: dict[Provider, dict[str, tuple[str, ...]]] = {
-    Provider.GMAIL: {"sent": ("[Gmail]/Sent Mail",)},
-    Provider.OUTLOOK: {"sent": ("Sent Items",)},
-    Provider.IMAP: {"sent": ("Sent", "Sent Items", "Sent Messages")},
-}
-"""Provider default folder names, used when no folder carries the RFC 6154 flag."""
-
-UIDVALIDITY_RESET_LIMIT = 3
-"""UIDVALIDITY resets of one folder allowed per window; the next one suspends the folder."""
-
-UIDVALIDITY_RESET_WINDOW_SECONDS = 24 * 3600.0
-"""Sliding window of ``UIDVALIDITY_RESET_LIMIT`` (STYLE.md §7: no endless resync loops)."""
-
-SYNC_TOUCH_SECONDS = 60.0
-"""An idle renewal with nothing new writes ``last_sync_at`` at most this often."""
 
 FOLDER_ROLES = ("inbox", "sent")
 """Roles every watched mailbox syncs (R2/R1 inbound, R5 outbound)."""
@@ -102,14 +91,6 @@ class WatcherState(StrEnum):
     NO_FOLDER = "no_folder"
     SUSPENDED = "suspended"
     FINISHED = "finished"
-
-
-class FolderMissing(Exception):
-    """The server has no folder for the role (e.g. a generic IMAP account without \\Sent)."""
-
-
-class FolderSuspended(Exception):
-    """The folder's UIDVALIDITY changed too often; it is no longer re-synced (see module doc)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,8 +164,6 @@ class FolderWatcher:
         self.target = target
         self.role = role
         self.state = WatcherState.CONNECTING
-        self.last_error: str | None = None
-        self.last_sync_at: datetime | None = None
         self._db = db
         self._credentials = credentials
         self._deliver = deliver
@@ -194,8 +173,35 @@ class FolderWatcher:
         self._stopped = asyncio.Event()
         self._failures = 0
         self._folder: FolderInfo | None = None
-        self._resets: deque[datetime] = deque()
-        self.last_lag_seconds: float | None = None
+        self._resets = ResetWindow(
+            role=role,
+            provider=target.provider,
+            limit=config.uidvalidity_reset_limit,
+            window_seconds=config.uidvalidity_reset_window_seconds,
+            metrics=config.metrics,
+        )
+        self._status = SyncStatus(
+            db=db,
+            mailbox_id=target.mailbox_id,
+            provider=target.provider,
+            clock=config.clock,
+            metrics=config.metrics,
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        """The last backoff or suspension reason; None after a successful sync."""
+        return self._status.last_error
+
+    @property
+    def last_sync_at(self) -> datetime | None:
+        """Aware UTC time of the last ``last_sync_at`` write, or None."""
+        return self._status.last_sync_at
+
+    @property
+    def last_lag_seconds(self) -> float | None:
+        """Lag (seconds) of the last chunk that stored a message, or None."""
+        return self._status.last_lag_seconds
 
     @property
     def log_fields(self) -> dict[str, object]:
@@ -249,50 +255,22 @@ class FolderWatcher:
         if self._stopping:
             return
         self.state = WatcherState.BACKOFF
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}"
         cap = self._config.backoff_max_seconds
         delay = min(cap, BACKOFF_INITIAL_SECONDS * 2**self._failures)
         delay *= self._config.rng.uniform(0.5, 1.0)
         self._failures = min(self._failures + 1, 30)
-        log.warning("imap reconnect", extra={**self.log_fields, "reason": self.last_error})
-        await self._store_error(self.last_error)
+        log.warning("imap reconnect", extra={**self.log_fields, "reason": error})
+        await self._status.fail(error, self.log_fields)
         await self._pause(delay)
 
     async def _suspend(self, exc: FolderSuspended) -> None:
         """Stop syncing this folder until the gateway restarts; the mailbox shows why."""
         self.state = WatcherState.SUSPENDED
-        self.last_error = f"{SUSPENDED_PREFIX} {exc}"
-        log.error("imap folder suspended", extra={**self.log_fields, "reason": self.last_error})
+        error = f"{SUSPENDED_PREFIX} {exc}"
+        log.error("imap folder suspended", extra={**self.log_fields, "reason": error})
+        await self._status.fail(error, self.log_fields)
         await self._close()
-        await self._store_error(self.last_error)
-
-    async def _store_error(self, error: str) -> None:
-        """Best effort: the database may be what failed."""
-        try:
-            await self._db.run(record_sync_error, self.target.mailbox_id, error)
-        except Exception:
-            log.warning("could not store imap error", extra=self.log_fields, exc_info=True)
-
-    async def _touch(self, *, force: bool, lag_seconds: float | None = None) -> None:
-        """Write ``last_sync_at`` (and clear the error) after a commit or a quiet catch-up.
-
-        Args:
-            force: write even if the last write is under ``SYNC_TOUCH_SECONDS`` old.
-            lag_seconds: the mailbox's ``sync_lag_seconds`` to store with it
-                (docs/imap.md "Sync lag"): the lag of a committed batch, 0.0
-                after a catch-up that found nothing new, None to leave the
-                stored value alone (after SELECT, before any catch-up).
-        """
-        now = self._config.clock()
-        last = self.last_sync_at
-        if not force and last is not None and (now - last).total_seconds() < SYNC_TOUCH_SECONDS:
-            return
-        if lag_seconds is None:
-            await self._db.run(record_sync, self.target.mailbox_id, at=now)
-        else:
-            await self._db.run(record_sync, self.target.mailbox_id, at=now, lag_seconds=lag_seconds)
-        self.last_sync_at = now
-        self.last_error = None
 
     async def _pause(self, seconds: float) -> None:
         """The injected sleep, cut short by ``stop``."""
@@ -315,6 +293,7 @@ class FolderWatcher:
             yield
 
     async def _connected_pass(self) -> None:
+        """Connect, log in, SELECT, then sync until the session ends or ``stop``."""
         self.state = WatcherState.CONNECTING
         async with self._connect_slot():
             if self._stopping:
@@ -324,16 +303,23 @@ class FolderWatcher:
             self.state = WatcherState.AUTHENTICATING
             await self._authenticate(session)
         self.state = WatcherState.SELECTING
-        folder = await self._resolve_folder(session)
+        folder = await resolve_folder(session, self.target.provider, self.role)
+        self._folder = folder
         uidvalidity = await self._select(session, folder)
         self._failures = 0
-        await self._touch(force=True)
+        await self._status.touch(force=True, lag_seconds=None)
+        await self._sync_folder(session, folder, uidvalidity)
+
+    async def _sync_folder(
+        self, session: ImapSession, folder: FolderInfo, uidvalidity: int
+    ) -> None:
+        """Catch up, then IDLE (or poll) for mail; SELECT again at every renewal."""
         while not self._stopping:
             self.state = WatcherState.CATCHING_UP
             delivered = await self._catch_up(session, folder, uidvalidity)
             # A pass that fetched nothing means this folder is level with the
             # server: its lag is 0 (written at most once a minute, like the time).
-            await self._touch(force=False, lag_seconds=None if delivered else 0.0)
+            await self._status.touch(force=False, lag_seconds=None if delivered else 0.0)
             if session.take_exists() or self._stopping:
                 continue
             self.state = WatcherState.IDLE
@@ -344,7 +330,17 @@ class FolderWatcher:
     async def _select(self, session: ImapSession, folder: FolderInfo) -> int:
         """SELECT and settle the checkpoint for its UIDVALIDITY; return the UIDVALIDITY."""
         info = await session.select(folder.wire_name)
-        await self._checkpoint(session, folder, info)
+        await settle_checkpoint(
+            self._db,
+            session,
+            mailbox_id=self.target.mailbox_id,
+            folder=folder,
+            role=self.role,
+            info=info,
+            cutoff=self.target.connected_at - timedelta(days=self._config.backfill_days + 1),
+            count_reset=lambda: self._resets.count(self._config.clock()),
+            log_fields=self.log_fields,
+        )
         return int(info.uidvalidity)
 
     async def _authenticate(self, session: ImapSession) -> None:
@@ -366,87 +362,15 @@ class FolderWatcher:
             token = await self._credentials.access_token(mailbox_id, force_refresh=True)
             await session.authenticate_xoauth2(self.target.address, token)
 
-    async def _resolve_folder(self, session: ImapSession) -> FolderInfo:
-        """RFC 6154 special-use flag first, then the provider's default name."""
-        folders = await session.list_folders()
-        defaults = DEFAULT_FOLDERS[self.target.provider].get(self.role, ())
-        found = find_folder(folders, self.role, defaults)
-        if found is None:
-            raise FolderMissing(self.role)
-        self._folder = found
-        return found
-
-    async def _checkpoint(
-        self, session: ImapSession, folder: FolderInfo, info: SelectInfo
-    ) -> Checkpoint:
-        """Load the checkpoint; start or restart it when absent or UIDVALIDITY changed."""
-        mailbox_id = self.target.mailbox_id
-        found = await self._db.read(load_checkpoint, mailbox_id, folder.name)
-        if found is not None and found.uidvalidity == info.uidvalidity:
-            return found
-        baseline = await self._baseline(session, info)
-        if found is None:
-            rule, reason = BASELINE_RULE, "first sync: mail older than the connection is skipped"
-        else:
-            self._count_reset()
-            rule, reason = UIDVALIDITY_RULE, "uidvalidity changed: re-read, copies deduplicated"
-            log.warning(
-                "uidvalidity changed",
-                extra={**self.log_fields, "uidvalidity": info.uidvalidity},
-            )
-        return await self._db.run(
-            reset_checkpoint,
-            mailbox_id,
-            folder.name,
-            self.role,
-            info.uidvalidity,
-            baseline,
-            rule=rule,
-            reason=reason,
-        )
-
-    def _count_reset(self) -> None:
-        """Count a UIDVALIDITY reset; past the limit within the window, suspend the folder.
-
-        Raises:
-            FolderSuspended: more than ``uidvalidity_reset_limit`` resets in
-                ``uidvalidity_reset_window_seconds`` (this one included);
-                the checkpoint is left as it was (no re-sync).
-        """
-        now = self._config.clock()
-        window = timedelta(seconds=self._config.uidvalidity_reset_window_seconds)
-        while self._resets and now - self._resets[0] > window:
-            self._resets.popleft()
-        self._resets.append(now)
-        if self._config.metrics is not None:
-            self._config.metrics.uidvalidity_resets.labels(
-                provider=self.target.provider.value
-            ).inc()
-        if len(self._resets) > self._config.uidvalidity_reset_limit:
-            hours = self._config.uidvalidity_reset_window_seconds / 3600
-            raise FolderSuspended(
-                f"{self.role}: uidvalidity changed {len(self._resets)} times in {hours:g} h"
-            )
-
-    async def _baseline(self, session: ImapSession, info: SelectInfo) -> int:
-        """Highest UID certainly older than the connection (R6), or 0."""
-        cutoff = self.target.connected_at - timedelta(days=self._config.backfill_days + 1)
-        recent = await session.uids_received_since(cutoff.date())
-        if recent:
-            return int(recent[0]) - 1
-        if info.uidnext is not None:
-            return int(info.uidnext) - 1
-        everything = await session.uids_since(1)
-        return int(everything[-1]) if everything else 0
-
     async def _catch_up(self, session: ImapSession, folder: FolderInfo, uidvalidity: int) -> bool:
         """UID FETCH everything after the stored checkpoint, chunk by chunk, into the intake.
 
         The intake advances the stored checkpoint in each message's own
         transaction; the checkpoint is re-read here every time, so a chain
         that stopped short is fetched again (R12 drops what was stored).
-        After each committed chunk, ``last_sync_at`` and (when the chunk
-        stored a message) ``sync_lag_seconds`` are written.
+        After each committed chunk, ``last_sync_at`` is written, with
+        ``sync_lag_seconds`` when the chunk stored a message (else None:
+        the stored lag is left alone).
 
         Returns:
             True when at least one message was fetched and delivered.
@@ -464,57 +388,35 @@ class FolderWatcher:
             if self._stopping:
                 return delivered
             fetched = await session.fetch(uids[start : start + FETCH_CHUNK])
-            messages = [
-                (
-                    m.raw,
-                    ImapOrigin(
-                        mailbox_id=self.target.mailbox_id,
-                        folder=folder.name,
-                        folder_role=self.role,
-                        uidvalidity=UidValidity(uidvalidity),
-                        uid=m.uid,
-                        internal_date=m.internal_date,
-                        x_gm_msgid=m.x_gm_msgid,
-                        x_gm_thrid=m.x_gm_thrid,
-                    ),
-                )
-                for m in fetched
-            ]
+            messages = self._with_origins(fetched, folder, uidvalidity)
             if messages:
                 results = await self._deliver(messages, position)
                 delivered = True
-                lag = self._observe_lag(messages, results)
-                await self._touch(force=True, lag_seconds=lag)
+                lag = self._status.observe_lag(messages, results)
+                await self._status.touch(force=True, lag_seconds=lag)
                 position = int(messages[-1][1].uid)
         return delivered
 
-    def _observe_lag(
-        self, messages: Sequence[tuple[bytes, ImapOrigin]], results: Sequence[IntakeResult]
-    ) -> float | None:
-        """Observe lag = commit time − INTERNALDATE of each newly stored message (seconds).
-
-        Every stored message with an INTERNALDATE (RFC 9051 §2.3.3) is one
-        sample of ``mailgate_sync_lag_seconds{provider}``; duplicates and
-        skipped messages are not (R6 skips old mail on purpose).
-
-        Returns:
-            The batch's lag for ``mailboxes.sync_lag_seconds``: that of its
-            newest stored message (latest INTERNALDATE), ≥ 0; None when the
-            batch stored nothing with an INTERNALDATE.
-        """
-        now = self._config.clock()
-        metrics = self._config.metrics
-        newest: float | None = None
-        for (_raw, origin), result in zip(messages, results, strict=False):
-            if result.status is not IntakeStatus.STORED or origin.internal_date is None:
-                continue
-            lag = max(0.0, (now - origin.internal_date).total_seconds())
-            newest = lag if newest is None else min(newest, lag)
-            if metrics is not None:
-                metrics.sync_lag_seconds.labels(provider=self.target.provider.value).observe(lag)
-        if newest is not None:
-            self.last_lag_seconds = newest
-        return newest
+    def _with_origins(
+        self, fetched: Sequence[FetchedMessage], folder: FolderInfo, uidvalidity: int
+    ) -> list[tuple[bytes, ImapOrigin]]:
+        """Pair each fetched message's raw bytes with its provenance, in fetch order."""
+        return [
+            (
+                m.raw,
+                ImapOrigin(
+                    mailbox_id=self.target.mailbox_id,
+                    folder=folder.name,
+                    folder_role=self.role,
+                    uidvalidity=UidValidity(uidvalidity),
+                    uid=m.uid,
+                    internal_date=m.internal_date,
+                    x_gm_msgid=m.x_gm_msgid,
+                    x_gm_thrid=m.x_gm_thrid,
+                ),
+            )
+            for m in fetched
+        ]
 
     async def _wait_for_mail(self, session: ImapSession) -> bool:
         """IDLE until mail, or renew; NOOP polling when the server lacks IDLE.
