@@ -9,18 +9,19 @@ write (``gateway.outbound`` supplies those commits), and never resends.
 Crash policy (``reconcile``, docs/sending.md "Crash policy"): a row found
 in ``sending`` at start-up is looked up in the mailbox's Sent folder by
 Message-ID (``UID SEARCH HEADER Message-ID``, RFC 9051 §6.4.4): found →
-``sent``; absent → queued again (due now). A relay send has no Sent folder
-to ask, and a mailbox without a \\Sent folder (RFC 6154) cannot tell, so
-both are ``failed`` with ``outcome_unknown`` rather than risk a second
-copy. A row whose mailbox or IMAP server cannot be reached now stays
-``sending`` for the next start-up.
+``sent``; absent → queued again (due now) for Gmail and Outlook, which file
+the Sent copy themselves when they accept. A relay send has no Sent folder
+to ask, a mailbox without a \\Sent folder (RFC 6154) cannot tell, and a
+generic IMAP send absent from Sent proves nothing (its copy is ours to
+APPEND after the 250, which the crash may have come before), so all three
+are ``failed`` with ``outcome_unknown`` rather than risk a second copy
+(issue 5: a crash "does not send twice"). A row whose mailbox or IMAP
+server cannot be reached now stays ``sending`` for the next start-up.
 
 A reply lost after the end of the data (``OutcomeUnknown``,
 docs/sending.md "Reply lost after DATA") is settled the same way at once
-(``reply_lost``), except that a generic IMAP send absent from Sent is also
-``outcome_unknown``: its copy is ours to APPEND after the 250 we never
-got, so its absence proves nothing; and an IMAP error during that search
-gives up (``outcome_unknown``) instead of waiting for a restart.
+(``reply_lost``); an IMAP error during that search gives up
+(``outcome_unknown``) instead of waiting for a restart.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ class Settler:
         Returns:
             A commit (``commit(session, now)``): ``sent`` (found in Sent,
             reply ``250 reconciled: found in Sent``), queued again due at
-            ``now`` (absent), or ``outcome_unknown`` (no search access, no
-            \\Sent folder, or a lost reply of a send whose Sent copy is ours
-            to APPEND). Nothing is written until it is run.
+            ``now`` (absent from a provider-filed Sent folder), or
+            ``outcome_unknown`` (no search access, no \\Sent folder, or a
+            send whose Sent copy is ours to APPEND). Nothing is written until
+            it is run.
 
         Raises:
             TransientError: the Sent folder could not be searched.
@@ -165,9 +167,10 @@ class Settler:
             return self._sent(record, content, result, None)
         if found is None:
             return self._give_up(record, "no \\Sent folder to ask; not resent")
-        if reply_lost and target.append_access is not None:
-            error = "reply lost after DATA; the Sent copy is ours to APPEND, so not resent"
-            return self._give_up(record, error)
+        if target.append_access is not None:
+            event = "reply lost after DATA" if reply_lost else "crashed while sending"
+            error = f"{event}; the Sent copy is ours to APPEND, so its absence proves nothing"
+            return self._give_up(record, f"{error}; not resent")
         return _requeue_commit(record, reply_lost=reply_lost)
 
 

@@ -167,7 +167,7 @@ async def test_testbed_submission_accepts_password_auth_after_tls_only(
         assert plain.supports_extension("starttls")
         assert not plain.supports_extension("auth")  # RFC 3207: AUTH only after STARTTLS
     finally:
-        plain.close()
+        await _quit(plain)
     client = aiosmtplib.SMTP(
         hostname="127.0.0.1", port=submission.port, start_tls=True, tls_context=context
     )
@@ -182,6 +182,15 @@ async def test_testbed_submission_accepts_password_auth_after_tls_only(
         answer = await auth(imap_password_user.address, imap_password_user.password)
         assert answer.code == 235
     finally:
+        await _quit(client)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    """QUIT and wait for the close (a bare close() leaves the TLS transport to the GC,
+    whose ResourceWarning then fails a later test under filterwarnings=error)."""
+    try:
+        await client.quit()
+    except aiosmtplib.SMTPException:
         client.close()
 
 
@@ -287,6 +296,32 @@ async def test_reconcile_without_sent_folder_gives_up_instead_of_resending(
     assert await env.outbound.reconcile() == 1
     done = await env.db.read(repo.get_outbound, record.id)
     assert done.state == OutboundState.FAILED and done.error_code == OUTCOME_UNKNOWN
+    env.clock.advance(3600)
+    assert await env.outbound.process_due() == 0
+    assert sent_for(submission, record.message_id) == []
+
+
+async def test_generic_imap_crash_while_sending_gives_up_instead_of_resending(
+    database: Any,
+    oauth_provider: OAuthProvider,
+    dovecot: Dovecot,
+    submission: SubmissionServer,
+    testbed_keys: TokenKeys,
+    imap_password_user: TestbedUser,
+) -> None:
+    """Issue 5: a crash "does not send twice". The Sent folder exists but our APPEND
+    follows the 250, so a send absent from it may still have been accepted."""
+    sender = password_user(dovecot, testbed_keys, sent_folder="Sent")
+    env = await env_with_sender(
+        database, oauth_provider, dovecot, submission, sender, imap_password_user
+    )
+    record = await env.outbound.enqueue(request(imap_password_user))
+    assert await env.db.run(repo.mark_sending, record.id, env.clock()) is not None
+    # The process died here: after the 250 and before the APPEND, or before MAIL FROM.
+    assert await env.outbound.reconcile() == 1
+    done = await env.db.read(repo.get_outbound, record.id)
+    assert done.state == OutboundState.FAILED and done.error_code == OUTCOME_UNKNOWN
+    assert done.last_error is not None and "not resent" in done.last_error
     env.clock.advance(3600)
     assert await env.outbound.process_due() == 0
     assert sent_for(submission, record.message_id) == []
