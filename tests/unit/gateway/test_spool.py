@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,3 +58,55 @@ def test_corrupt_entry_raises_and_is_set_aside(spool: Spool) -> None:
     moved = spool.set_aside(bad)
     assert moved.read_bytes() == b"garbage without framing"
     assert spool.pending() == ()
+
+
+def test_cleared_slots_are_reused_instead_of_new_files(spool: Spool) -> None:
+    first = [spool.write(b"one %d" % i, ENVELOPE) for i in range(3)]
+    spool.remove(tuple(first))
+    assert spool.pending() == ()
+    again = [spool.write(b"two %d" % i, ENVELOPE) for i in range(3)]
+    assert sorted(again) == sorted(first)  # no file created, none deleted
+    assert sorted(spool.root.iterdir()) == sorted(first)
+    assert [spool.read(p).raw for p in spool.pending()] == [b"two 0", b"two 1", b"two 2"]
+
+
+def test_free_slots_are_found_again_at_open(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    kept, cleared = spool.write(b"kept", ENVELOPE), spool.write(b"cleared", ENVELOPE)
+    spool.remove((cleared,))
+    restarted = Spool(tmp_path / "spool")
+    restarted.open()
+    assert restarted.pending() == (kept,)
+    assert restarted.write(b"new", ENVELOPE) == cleared  # the free slot, not a new one
+    assert {p.name for p in restarted.root.iterdir()} == {kept.name, cleared.name}
+
+
+def test_entry_cut_short_by_a_crash_is_corrupt(spool: Spool) -> None:
+    path = spool.write(b"x" * 1000, ENVELOPE)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])  # the process died during the write
+    with pytest.raises(SpoolCorrupt, match="cut short"):
+        spool.read(path)
+
+
+def test_version_1_entries_are_recovered_then_deleted(spool: Spool) -> None:
+    old = spool.root / "00000000000000000005-abc.msg"
+    old.write_bytes(
+        b'MGSPOOL1 {"envelope_sender": "alice@example.org", "envelope_recipients": '
+        b'["u-aaaaaaaaaaaaaaaaaaaa@bcc.test"], "peer": "127.0.0.1", "helo": '
+        b'"client.example", "received_at": "2024-05-01T12:00:00+00:00"}\nv1 bytes'
+    )
+    newer = spool.write(b"v2 bytes", ENVELOPE)
+    assert spool.pending() == (old, newer)
+    entry = spool.read(old)
+    assert (entry.raw, entry.envelope) == (b"v1 bytes", ENVELOPE)
+    spool.remove((old,))
+    assert not old.exists()
+
+
+def test_concurrent_writes_get_distinct_slots(spool: Spool) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda i: spool.write(b"m%d" % i, ENVELOPE), range(64)))
+    assert len(set(paths)) == 64
+    assert sorted(spool.read(p).raw for p in paths) == sorted(b"m%d" % i for i in range(64))
