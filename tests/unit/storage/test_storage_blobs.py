@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
-from storage.blobs import TMP_PREFIX, BlobStore
+from storage.blobs import SYNCFS_MIN_KERNEL, TMP_PREFIX, BlobStore, load_syncfs
 
 
 def test_put_is_content_addressed_with_one_level_fanout(tmp_path: Path) -> None:
@@ -94,8 +95,11 @@ def test_discard_staged_removes_what_a_crashed_process_left(tmp_path: Path) -> N
     assert not any(p.name.startswith(TMP_PREFIX) for p in (tmp_path / "blobs").rglob("*"))
 
 
-def test_put_many_stores_each_payload_once_in_order(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path / "blobs")
+@pytest.mark.parametrize("use_syncfs", [None, False])
+def test_put_many_stores_each_payload_once_in_order(
+    tmp_path: Path, use_syncfs: bool | None
+) -> None:
+    store = BlobStore(tmp_path / "blobs", use_syncfs=use_syncfs)
     existing = store.put(b"already here")
     payloads = [b"one", b"two", b"one", b"already here", b""]
     keys = store.put_many(payloads)
@@ -105,3 +109,20 @@ def test_put_many_stores_each_payload_once_in_order(tmp_path: Path) -> None:
     leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.name.startswith(TMP_PREFIX)]
     assert leftovers == []
     assert store.put_many([]) == []
+
+
+def test_syncfs_is_used_where_it_reports_errors(tmp_path: Path) -> None:
+    """Linux >= 5.8 (this machine's kind): put_many syncs the filesystem, not each file."""
+    available = load_syncfs()
+    release = tuple(int(p) for p in os.uname().release.split(".")[:2])
+    if os.uname().sysname == "Linux" and release >= SYNCFS_MIN_KERNEL:
+        assert available is not None
+        store = BlobStore(tmp_path / "blobs", use_syncfs=True)
+        assert store.put_many([b"a", b"b"]) == [
+            hashlib.sha256(b"a").hexdigest(),
+            hashlib.sha256(b"b").hexdigest(),
+        ]
+    else:
+        assert available is None
+        with pytest.raises(OSError):
+            BlobStore(tmp_path / "blobs", use_syncfs=True)
