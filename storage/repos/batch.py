@@ -9,7 +9,8 @@ parent or child (R11), a copy of itself (R12), a contact the earlier one
 created (R14), a thread whose instances or membership it changed (R4,
 merges). ``BatchFacts`` loads the facts of every message at once, before
 any is applied (``load_fact_rows``: four statements for the whole batch
-instead of four per message). Each message then uses them unless an
+instead of four per message; and one more for the conversations of
+every contact found). Each message then uses them unless an
 earlier message of the batch *wrote something its keys match*; then its
 facts are loaded again, alone, after the held rows are flushed, so they
 are exactly what ``load_facts`` would return at that point. What counts as
@@ -50,6 +51,7 @@ from ingest.types import (
 )
 from storage.repos.facts import FactRows, facts_of, load_fact_rows, mailbox_connections
 from storage.repos.inserts import RowBuffer
+from storage.repos.messages import conversation_ids
 
 
 @dataclass(slots=True)
@@ -106,6 +108,12 @@ class BatchFacts:
         present = [item for item in lookups if item is not None]
         loaded = iter(load_fact_rows(session, present, aliases=aliases, bcc_domain=bcc_domain))
         self._rows = [next(loaded) if item is not None else None for item in lookups]
+        # The conversations of every contact the batch may link, in one SELECT.
+        held.conversation_ids.update(
+            conversation_ids(
+                session, {c.contact_id for rows in self._rows if rows for c in rows.contacts}
+            )
+        )
         self._written = _Written()
         self._connections: dict[int, tuple[MailboxConnection, ...]] = {}
         self.reloaded = 0

@@ -48,7 +48,8 @@ class RowBuffer:
     """Rows held back and inserted later with one executemany per table (a batch's rows).
 
     For rows nothing in the same transaction reads before ``flush`` (a
-    message's participants, attachments, sync-log rows…): a group-commit
+    message's participants, attachments, sync-log rows, thread instances
+    when every reader flushes first…): a group-commit
     batch adds them per message and flushes once, so a table costs one
     statement per batch instead of one per message. Tables are flushed in
     the order they were first added to; every row's parents must already be
@@ -56,18 +57,29 @@ class RowBuffer:
     """
 
     def __init__(self) -> None:
-        self._rows: dict[type[Base], list[dict[str, Any]]] = {}
+        self._rows: dict[tuple[type[Base], bool], list[dict[str, Any]]] = {}
+        self.conversation_ids: dict[int, int] = {}
+        """contact id -> conversation id, as found or created in this transaction
+        (conversations are never deleted while it runs)."""
 
-    def add(self, model: type[Base], rows: Sequence[dict[str, Any]]) -> None:
-        """Hold ``rows`` for ``model``'s table until ``flush``."""
+    def add(
+        self, model: type[Base], rows: Sequence[dict[str, Any]], *, ignore_duplicates: bool = False
+    ) -> None:
+        """Hold ``rows`` for ``model``'s table until ``flush``.
+
+        With ``ignore_duplicates`` they are inserted by ``insert_ignoring_duplicates``.
+        """
         if rows:
-            self._rows.setdefault(model, []).extend(rows)
+            self._rows.setdefault((model, ignore_duplicates), []).extend(rows)
 
     def flush(self, session: Session) -> None:
         """Insert every held row (one executemany per table), then forget them."""
         held, self._rows = self._rows, {}
-        for model, rows in held.items():
-            insert_rows(session, model, rows)
+        for (model, ignore_duplicates), rows in held.items():
+            if ignore_duplicates:
+                insert_ignoring_duplicates(session, model, rows)
+            else:
+                insert_rows(session, model, rows)
 
 
 def insert_or_hold(

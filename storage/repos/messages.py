@@ -18,6 +18,7 @@ written before the failure are harmless (content-addressed).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -300,7 +301,7 @@ def _link_conversations(
             raise ValueError("conversation target names neither a contact nor a new contact")
         contacts.setdefault(contact_id, (target.subaccount_id, target.rule))
     conversations = _get_or_create_conversations(
-        session, {c: sub for c, (sub, _) in contacts.items()}
+        session, {c: sub for c, (sub, _) in contacts.items()}, held
     )
     insert_or_hold(
         session,
@@ -311,7 +312,7 @@ def _link_conversations(
         ],
         held,
     )
-    ensure_instances(session, thread_id, {t.subaccount_id for t in decision.conversations})
+    ensure_instances(session, thread_id, {t.subaccount_id for t in decision.conversations}, held)
 
 
 def _get_or_create_contact(session: Session, new: NewContact) -> ContactId:
@@ -347,20 +348,21 @@ def _get_or_create_contact(session: Session, new: NewContact) -> ContactId:
     return ContactId(created)
 
 
-def _get_or_create_conversations(session: Session, contacts: dict[int, int]) -> dict[int, int]:
+def _get_or_create_conversations(
+    session: Session, contacts: dict[int, int], held: RowBuffer | None
+) -> dict[int, int]:
     """Return contact_id -> conversation id for ``contacts`` (contact_id -> subaccount_id).
 
-    One SELECT for all; an INSERT … RETURNING only for contacts without one
+    One SELECT for those not already in ``held.conversation_ids`` (a batch
+    remembers them); an INSERT … RETURNING only for contacts without one
     (a concurrent creator makes this transaction fail: see module docstring).
     """
-    if not contacts:
-        return {}
-    found: dict[int, int] = {
-        contact_id: conversation_id
-        for contact_id, conversation_id in session.connection().execute(
-            _CONVERSATIONS, {"contact_ids": sorted(contacts)}
-        )
-    }
+    known = held.conversation_ids if held is not None else {}
+    found = {c: known[c] for c in contacts if c in known}
+    wanted = sorted(set(contacts) - set(found))
+    if not wanted:
+        return found
+    found.update(conversation_ids(session, wanted))
     for contact_id in sorted(set(contacts) - set(found)):
         found[contact_id] = (
             session.connection()
@@ -370,7 +372,21 @@ def _get_or_create_conversations(session: Session, contacts: dict[int, int]) -> 
             )
             .scalar_one()
         )
+    known.update(found)
     return found
+
+
+def conversation_ids(session: Session, contact_ids: Iterable[int]) -> dict[int, int]:
+    """Return contact id -> conversation id for those of ``contact_ids`` that have one.
+
+    One SELECT (none for an empty ``contact_ids``); at most one conversation
+    per contact (unique constraint).
+    """
+    wanted = sorted(set(contact_ids))
+    if not wanted:
+        return {}
+    rows = session.connection().execute(_CONVERSATIONS, {"contact_ids": wanted})
+    return {contact_id: conversation_id for contact_id, conversation_id in rows}
 
 
 def _add_location(session: Session, pk: MessagePk, provenance: Provenance) -> None:

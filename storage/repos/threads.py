@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from ingest.types import InstanceState, ThreadId, ThreadTarget
 from storage.models import Message, SyncedThread, ThreadInstance
-from storage.repos.inserts import insert_ignoring_duplicates, table_of
+from storage.repos.inserts import RowBuffer, insert_ignoring_duplicates, table_of
 
 _INSERT_THREAD = table_of(SyncedThread).insert().returning(table_of(SyncedThread).c.id)
 
@@ -78,20 +78,27 @@ def merge_threads(session: Session, into: ThreadId, others: Iterable[ThreadId]) 
     session.execute(sa.delete(SyncedThread).where(SyncedThread.id.in_(other_ids)))
 
 
-def ensure_instances(session: Session, thread_id: ThreadId, subaccount_ids: Iterable[int]) -> None:
+def ensure_instances(
+    session: Session,
+    thread_id: ThreadId,
+    subaccount_ids: Iterable[int],
+    held: RowBuffer | None = None,
+) -> None:
     """Create an ``active`` instance of the thread in each sub-account lacking one.
 
     Existing instances are left as they are (a ``broken`` one stays broken,
-    R4): one ``INSERT … ON CONFLICT DO NOTHING`` on (thread, sub-account).
+    R4): one ``INSERT … ON CONFLICT DO NOTHING`` on (thread, sub-account),
+    or, with ``held`` (a group-commit batch, whose facts loader flushes it
+    before reading instances), held for its flush.
     """
-    insert_ignoring_duplicates(
-        session,
-        ThreadInstance,
-        [
-            {"thread_id": thread_id, "subaccount_id": subaccount_id, "state": InstanceState.ACTIVE}
-            for subaccount_id in sorted(set(subaccount_ids))
-        ],
-    )
+    rows = [
+        {"thread_id": thread_id, "subaccount_id": subaccount_id, "state": InstanceState.ACTIVE}
+        for subaccount_id in sorted(set(subaccount_ids))
+    ]
+    if held is not None:
+        held.add(ThreadInstance, rows, ignore_duplicates=True)
+    else:
+        insert_ignoring_duplicates(session, ThreadInstance, rows)
 
 
 def claim_thread(session: Session, thread_id: ThreadId, subaccount_id: int, now: datetime) -> bool:
