@@ -14,6 +14,14 @@ the worker-thread hop that spools, prepares and stages blobs; queued: the
 wait for the batcher; load_facts, decide, apply; publish_wait: what the
 batch waited for its blobs' fsyncs; commit).
 
+Run it on a quiet machine, and not within ~6 minutes of deleting many
+files on the same filesystem (a previous run's temporary directory, a test
+run): on this VM's ext4 (no journal, online discard) every new inode then
+skips the recently deleted ones (``recently_deleted``: 60 s, 360 s while
+their inode table block is dirty) and the discards slow the disk; back to
+back, the gateway's figure drops by about a fifth. A deployment never
+deletes blobs, so that is not its steady state.
+
 Usage: .venv/bin/python bench/bench_smtp.py [--count 2000] [--connections 20]
 Not a test: it prints figures and never asserts on time.
 """
