@@ -126,8 +126,11 @@ def raise_open_files_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         except (ValueError, OSError):
-            log.warning("open-files limit not raised", extra={"soft": soft, "hard": hard})
-    log.info("open-files limit", extra={"soft": soft, "hard": hard})
+            log.warning(
+                "open-files limit not raised",
+                extra={"open_files_soft": soft, "open_files_hard": hard},
+            )
+    log.info("open-files limit", extra={"open_files_soft": soft, "open_files_hard": hard})
     return soft
 
 

@@ -35,6 +35,11 @@ FIELDS = (
     "port",
     "path",
     "batch_size",
+    "open_files_soft",
+    "open_files_hard",
+    "mailbox_id",
+    "folder",
+    "outbound_id",
 )
 """Fixed field names a log record may carry (``extra=``)."""
 
