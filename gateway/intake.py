@@ -61,7 +61,7 @@ from ingest.types import (
     RawMessage,
     SmtpEnvelope,
 )
-from storage.blobs import BlobStore, sha256_of
+from storage.blobs import BlobStore
 from storage.db import Database
 from storage.repos.facts import CONTACT_INITIATED_DEFAULTS
 from storage.repos.messages import resolve_sync_address
@@ -241,6 +241,13 @@ class Intake:
             for rcpt in envelope.envelope_recipients
         )
 
+    @staticmethod
+    def _blob_keys(prepared: Prepared | None) -> tuple[str, ...]:
+        """The keys of ``_blobs_of``'s payloads, in order (computed by the parser already)."""
+        if prepared is None:
+            return ()
+        return (prepared.raw.sha256, *(a.sha256 for a in prepared.parsed.attachments))
+
     def _blobs_of(self, prepared: Prepared) -> tuple[bytes, ...]:
         """The raw message and attachment payloads the batch writes itself (no I/O).
 
@@ -367,7 +374,7 @@ class Intake:
             future=future,
             previous_uid=previous_uid,
             blobs=payloads,
-            blob_keys=frozenset(sha256_of(payload) for payload in payloads),
+            blob_keys=self._blob_keys(prepared) if payloads else (),
         )
 
     def _prepare(self, message: RawMessage) -> tuple[Prepared | None, str | None]:
@@ -446,10 +453,13 @@ class Intake:
                 auth = await self._auth_check(job.prepared)
             work.append((job, auth))
         payloads = [payload for job in batch for payload in job.blobs]
-        published = self._publisher.submit(self._blobs.put_many, payloads) if payloads else None
+        keys = [key for job in batch for key in job.blob_keys]
+        published = (
+            self._publisher.submit(self._blobs.put_many, payloads, keys) if payloads else None
+        )
         if published is not None and not self._db.runs_in_thread:
             await asyncio.wrap_future(published)
-        blobs = BatchBlobs(self._blobs, frozenset(k for job in batch for k in job.blob_keys))
+        blobs = BatchBlobs(self._blobs, batch)
         results, done_at = await self._db.run(
             self._runner.run, work, quarantine_failures, blobs, published
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,7 +27,7 @@ from gateway.config import BccSettings
 from gateway.intake_result import IntakeResult, IntakeStatus
 from ingest.pipeline import decide
 from ingest.types import AuthResult, ImapOrigin, Prepared, Provider, RawMessage, RouteSettings
-from storage.blobs import BlobStore, sha256_of
+from storage.blobs import BlobStore
 from storage.repos.batch import BatchFacts
 from storage.repos.folders import advance_checkpoint
 from storage.repos.inserts import RowBuffer
@@ -52,7 +52,7 @@ class IntakeJob:
     future: asyncio.Future[IntakeResult] = field(repr=False)
     previous_uid: int | None = None
     blobs: tuple[bytes, ...] = ()
-    blob_keys: frozenset[str] = frozenset()
+    blob_keys: tuple[str, ...] = ()
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -60,18 +60,24 @@ class BatchBlobs:
     """The ``BlobWriter`` a batch's repositories write through.
 
     ``put`` of a blob the batch writes itself (``BlobStore.put_many`` on
-    the blob thread, before its COMMIT) returns its key without I/O. Any
-    other blob is stored durably at once by the ``BlobStore``.
+    the blob thread, before its COMMIT) returns its key without I/O or
+    hashing: the very ``bytes`` objects handed to the batch are recognised
+    by identity (they stay referenced by its jobs). Any other blob is stored
+    durably at once by the ``BlobStore``.
     """
 
-    def __init__(self, store: BlobStore, keys: frozenset[str]) -> None:
+    def __init__(self, store: BlobStore, jobs: Sequence[IntakeJob]) -> None:
         self._store = store
-        self._keys = keys
+        self._keys: dict[int, tuple[bytes, str]] = {
+            id(payload): (payload, key)
+            for job in jobs
+            for payload, key in zip(job.blobs, job.blob_keys, strict=True)
+        }
 
     def put(self, data: bytes) -> str:
-        sha256 = sha256_of(data)
-        if sha256 in self._keys:
-            return sha256
+        known = self._keys.get(id(data))
+        if known is not None and known[0] is data:
+            return known[1]
         return self._store.put(data)
 
 

@@ -171,19 +171,31 @@ class BlobStore:
         self._fsync_all([blob.tmp_path for blob, _ in pending])
         self._rename(pending)
 
-    def put_many(self, payloads: Sequence[bytes]) -> list[str]:
+    def put_many(self, payloads: Sequence[bytes], keys: Sequence[str] | None = None) -> list[str]:
         """Store several blobs durably at once; return their SHA-256 keys, in order.
 
-        What a group-commit batch uses: each missing blob is written to its
-        temporary file and fsynced on the fsync threads, all in parallel
-        (so the filesystem journal commits them together), then renamed,
-        then each directory touched is fsynced once. Equivalent to ``put``
-        on each payload.
+        What a group-commit batch uses. On Linux ≥ 5.8: each missing blob is
+        written to its temporary file, one syncfs(2) makes them all durable,
+        they are renamed, and a second syncfs makes the renames durable —
+        two calls for the whole batch, and no thread. syncfs flushes every
+        dirty page of the data directory's filesystem, ours or not, and
+        reports write-back errors since Linux 5.8 (docs/storage.md).
+        Elsewhere: each file is written and fsynced on the fsync threads,
+        all in parallel (the filesystem then commits them together), then
+        renamed, then each directory touched is fsynced once. Equivalent to
+        ``put`` on each payload.
+
+        Args:
+            payloads: the blobs' bytes.
+            keys: their SHA-256 keys when the caller already has them (a
+                message's and its attachments' are computed by the parser);
+                None computes them.
 
         Raises:
             OSError: disk full, I/O error; nothing partial is left under a final name.
+            ValueError: ``keys`` and ``payloads`` differ in length.
         """
-        keys = [sha256_of(data) for data in payloads]
+        keys = list(keys) if keys is not None else [sha256_of(data) for data in payloads]
         missing = {key: data for key, data in zip(keys, payloads, strict=True)}
         missing = {key: data for key, data in missing.items() if not self.path(key).exists()}
         if not missing:
