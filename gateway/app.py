@@ -204,7 +204,11 @@ async def _serve(settings: Settings, db: Database) -> None:
         intake_task = group.create_task(intake.run(), name="intake")
         await intake.recover()
         await outbound.reconcile()  # sends a crash left in `sending` (docs/sending.md)
-        running.smtp = await start_smtp(handler, settings.smtp)
+        running.smtp = await start_smtp(
+            handler,
+            settings.smtp,
+            on_rejection=lambda code: metrics.smtp_rejections.labels(code=code).inc(),
+        )
         await imap.start()  # one watcher per (account, folder) of every connected mailbox
         scheduler.start()
         http_task = group.create_task(http.serve(), name="http")

@@ -167,6 +167,12 @@ class Metrics:
             ("source",),
             registry=self.registry,
         )
+        self.smtp_rejections = Counter(
+            "mailgate_smtp_rejections",
+            "SMTP replies refusing a command or a message (4xx and 5xx), by reply code.",
+            ("code",),
+            registry=self.registry,
+        )
         self.refused = Counter(
             "mailgate_messages_refused",
             "Messages refused, by rule.",

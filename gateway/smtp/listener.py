@@ -192,10 +192,18 @@ class MailgateSMTP(SMTP):
 
     line_length_limit = MAX_LINE_BYTES
 
-    def __init__(self, *args: Any, sessions: set[MailgateSMTP], **kwargs: Any) -> None:
-        """As ``aiosmtpd.smtp.SMTP``; ``sessions`` is the listener's live set."""
+    def __init__(
+        self,
+        *args: Any,
+        sessions: set[MailgateSMTP],
+        on_rejection: Callable[[str], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """As ``aiosmtpd.smtp.SMTP``; ``sessions`` is the listener's live set,
+        ``on_rejection`` is told the code of every 4xx/5xx reply (metrics)."""
         super().__init__(*args, **kwargs)
         self._sessions = sessions
+        self._on_rejection = on_rejection
         self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -230,6 +238,8 @@ class MailgateSMTP(SMTP):
                 if status.startswith(prefix):
                     status = replacement
                     break
+            if self._on_rejection is not None and status[:1] in ("4", "5"):
+                self._on_rejection(status[:3])
         await super().push(status)
 
 
@@ -251,6 +261,7 @@ def protocol_factory(
     settings: SmtpSettings,
     tls_context: ssl.SSLContext | None,
     sessions: set[MailgateSMTP],
+    on_rejection: Callable[[str], None] | None = None,
 ) -> Callable[[], MailgateSMTP]:
     """Return a factory building one ``MailgateSMTP`` per connection."""
 
@@ -258,6 +269,7 @@ def protocol_factory(
         return MailgateSMTP(
             handler,
             sessions=sessions,
+            on_rejection=on_rejection,
             ident=IDENT,
             data_size_limit=settings.max_message_bytes,
             enable_SMTPUTF8=True,
@@ -313,16 +325,24 @@ class SmtpListener:
 
 
 async def start_smtp(
-    handler: BccHandler, settings: SmtpSettings, *, port: int | None = None
+    handler: BccHandler,
+    settings: SmtpSettings,
+    *,
+    port: int | None = None,
+    on_rejection: Callable[[str], None] | None = None,
 ) -> SmtpListener:
     """Listen on ``settings.host``:``settings.port`` (or ``port``) on the running loop.
+
+    ``on_rejection(code)`` is called for every 4xx/5xx reply (e.g. a metrics counter).
 
     Raises:
         OSError: the address is in use or cannot be bound.
     """
     loop = asyncio.get_running_loop()
     sessions: set[MailgateSMTP] = set()
-    factory = protocol_factory(handler, settings, make_tls_context(settings), sessions)
+    factory = protocol_factory(
+        handler, settings, make_tls_context(settings), sessions, on_rejection
+    )
     server = await loop.create_server(
         factory, host=settings.host, port=settings.port if port is None else port
     )

@@ -15,6 +15,7 @@ import re
 import shutil
 import smtplib
 import subprocess
+import urllib.request
 import uuid
 from email.message import EmailMessage, Message
 from email.utils import getaddresses, make_msgid
@@ -152,22 +153,37 @@ def _simple(tenant: Tenant, to: str, body: str = "hello\n", **headers: str) -> b
     return msg.as_bytes(policy=email.policy.SMTP)
 
 
+def _rejections(gateway: Gateway, code: str) -> float:
+    """``mailgate_smtp_rejections_total{code=…}`` from the gateway's /metrics (0 if absent)."""
+    url = f"http://127.0.0.1:{gateway.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    pattern = rf'^mailgate_smtp_rejections_total\{{code="{code}"\}} (\S+)$'
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_unknown_recipient_refused_550_5_1_1(gateway: Gateway, tenant: Tenant) -> None:
     bogus = re.sub(r"u-[a-z2-7]+", "u-" + "a" * 20, tenant.sync_address)
+    before = _rejections(gateway, "550")
     for rcpt in (bogus, "someone@example.com"):
         with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=30) as smtp:
             smtp.ehlo()
             smtp.mail(tenant.user_email)
             assert smtp.rcpt(rcpt) == _code(replies.UNKNOWN_RECIPIENT)
+    # A sysadmin sees refusals that never became messages (docs/operations.md).
+    assert _rejections(gateway, "550") == before + 2
 
 
 def test_too_large_refused_552(gateway: Gateway, tenant: Tenant) -> None:
     raw = _simple(tenant, "big@example.com", ("y" * 998 + "\n") * 3 * 1024)
+    before = _rejections(gateway, "552")
     with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=60) as smtp:
         smtp.ehlo()
         smtp.mail(tenant.user_email)
         smtp.rcpt(tenant.sync_address)
         assert smtp.data(raw) == _code(replies.TOO_BIG)
+    assert _rejections(gateway, "552") == before + 1
     assert (
         gateway.cli(
             "conversation",
