@@ -64,12 +64,12 @@ from pathlib import Path
 from typing import Any
 
 from aioimaplib import aioimaplib
-from cryptography.fernet import Fernet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway.config import Security, make_settings  # noqa: E402
+from bench.bench_imap_catchup import gmail_settings  # noqa: E402
+from gateway.config import Security  # noqa: E402
 from gateway.imap import session as session_module  # noqa: E402
 from gateway.imap.session import FETCH_CHUNK, Endpoint, ImapSession  # noqa: E402
 from gateway.imap.supervisor import ImapSupervisor, contact_initiated_of  # noqa: E402
@@ -239,15 +239,7 @@ async def run(
     url = f"sqlite:///{root / 'mailgate.db'}"
     await asyncio.to_thread(upgrade, url)
     db = Database(url)
-    gmail: dict[str, Any] = {
-        "imap_host": "127.0.0.1",
-        "imap_port": dovecot.ports.imaps,
-        "imap_security": "tls",
-        "ca_file": str(dovecot.ca_file),
-    }
-    settings = make_settings(
-        security={"token_key": Fernet.generate_key().decode()}, providers={"gmail": gmail}
-    )
+    settings = gmail_settings(dovecot)
     service = MailboxService(db, settings)
     await add_mailboxes(db, service, keys, addresses)
     spool = Spool(root / "spool")

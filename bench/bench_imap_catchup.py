@@ -49,6 +49,20 @@ APPEND_THREADS = 2
 _MESSAGE_ID = re.compile(rb"^message-id:[^\n]*\n(?:[ \t][^\n]*\n)*", re.IGNORECASE | re.MULTILINE)
 
 
+def gmail_settings(dovecot: Dovecot) -> Any:
+    """Gateway settings whose Gmail provider is the testbed Dovecot (implicit TLS, its CA),
+    with a fresh token key; shared by bench_imap.py's (a)/(b) and (c)."""
+    gmail = {
+        "imap_host": "127.0.0.1",
+        "imap_port": dovecot.ports.imaps,
+        "imap_security": "tls",
+        "ca_file": str(dovecot.ca_file),
+    }
+    return make_settings(
+        security={"token_key": Fernet.generate_key().decode()}, providers={"gmail": gmail}
+    )
+
+
 def corpus_messages() -> list[bytes]:
     """Every open corpus message's raw bytes (CRLF-normalised later by the server)."""
     missing = corpus_missing_message()
@@ -171,15 +185,7 @@ async def run_catchup(
     url = f"sqlite:///{root / 'mailgate.db'}"
     await asyncio.to_thread(upgrade, url)
     db = Database(url)
-    gmail = {
-        "imap_host": "127.0.0.1",
-        "imap_port": dovecot.ports.imaps,
-        "imap_security": "tls",
-        "ca_file": str(dovecot.ca_file),
-    }
-    settings = make_settings(
-        security={"token_key": Fernet.generate_key().decode()}, providers={"gmail": gmail}
-    )
+    settings = gmail_settings(dovecot)
     service = MailboxService(db, settings)
     await add_mailboxes(db, service, keys, [ADDRESS])  # mailbox 1, user user0@crm.test
     contacts = 0
