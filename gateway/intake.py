@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 SYNC_ADDRESS_TTL_SECONDS = 60.0
 """How long a sync address found at RCPT is trusted without a new lookup."""
 
+INLINE_RECEIVE_BYTES = 64 * 1024
+"""Messages up to this size are received on the event loop itself (see ``_enqueue``)."""
+
 AuthCheck = Callable[[Prepared], Awaitable[AuthResult | None]]
 
 
@@ -345,9 +348,12 @@ class Intake:
         """
         future: asyncio.Future[IntakeResult] = asyncio.get_running_loop().create_future()
         with self._timed("receive"):
-            job = await asyncio.to_thread(
-                self._receive, raw, provenance, future, spool, spool_path, previous_uid
-            )
+            if len(raw) <= INLINE_RECEIVE_BYTES:
+                job = self._receive(raw, provenance, future, spool, spool_path, previous_uid)
+            else:
+                job = await asyncio.to_thread(
+                    self._receive, raw, provenance, future, spool, spool_path, previous_uid
+                )
         await self._queue.put(job)
         return future
 

@@ -101,6 +101,13 @@ def make_sqlite_engine(database_url: str | URL, **engine_kwargs: Any) -> Engine:
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, **engine_kwargs)
+    # An executemany INSERT becomes one multi-row INSERT per 1,000 rows
+    # (SQLAlchemy's "insertmanyvalues", documented on Dialect): one
+    # sqlite3_step instead of one per row. Each step releases the GIL, and
+    # getting it back from the event loop was two thirds of a group-commit
+    # batch's insert time under bench/bench_smtp.py (py-spy --native:
+    # pthread_cond_timedwait in _pysqlite_query_execute).
+    engine.dialect.use_insertmanyvalues_wo_returning = True
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine

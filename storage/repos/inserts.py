@@ -4,11 +4,24 @@ Edge module: runs Core ``INSERT`` statements on the caller's ``Session``'s
 connection (no ORM unit of work, no autoflush: flush pending ORM objects
 first if a row refers to them); never commits. Rows are dicts keyed by
 column name; Python-side column defaults (``created_at``) apply as usual.
+
+``RowBuffer`` also hands out primary keys ahead of their rows
+(``allocate``), so that a group-commit batch inserts its threads and
+messages with one executemany each instead of one ``INSERT … RETURNING``
+per message: those two statements were half of the database thread's time
+under bench/bench_smtp.py (py-spy), each paying SQLAlchemy's per-statement
+overhead and a GIL hand-over. Keys come from the table's own source:
+``max(id) + 1`` on SQLite (every writing transaction there starts with
+``BEGIN IMMEDIATE``, so no other writer can take the same key, and an
+``INTEGER PRIMARY KEY`` picks ``max + 1`` itself), the column's sequence on
+PostgreSQL (``nextval`` for a block at a time; unused values are gaps, as
+after any rollback).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -16,6 +29,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.models import Base
+
+PG_KEY_BLOCK = 64
+"""Keys taken from a PostgreSQL sequence per ``nextval`` round trip (a batch's messages)."""
+
+_TABLE_ORDER = {table.name: i for i, table in enumerate(Base.metadata.sorted_tables)}
+"""Tables in foreign-key order (parents first): the order ``RowBuffer.flush`` inserts in."""
 
 
 def table_of(model: type[Base]) -> sa.Table:
@@ -52,12 +71,14 @@ class RowBuffer:
     when every reader flushes first…): a group-commit
     batch adds them per message and flushes once, so a table costs one
     statement per batch instead of one per message. Tables are flushed in
-    the order they were first added to; every row's parents must already be
+    foreign-key order (parents first), so a held row may name a held parent
+    (a held message its held thread); any other parent must already be
     inserted (foreign keys are checked per statement).
     """
 
     def __init__(self) -> None:
         self._rows: dict[tuple[type[Base], bool], list[dict[str, Any]]] = {}
+        self._keys: dict[str, Iterator[int]] = {}  # table -> the keys this transaction owns
         self.conversation_ids: dict[int, int] = {}
         """contact id -> conversation id, as found or created in this transaction
         (conversations are never deleted while it runs)."""
@@ -72,14 +93,45 @@ class RowBuffer:
         if rows:
             self._rows.setdefault((model, ignore_duplicates), []).extend(rows)
 
+    def allocate(self, session: Session, model: type[Base]) -> int:
+        """Return a new primary key for a row of ``model`` (an integer ``id``) to hold.
+
+        Valid only in this buffer's transaction, for rows inserted through
+        this buffer (see module docstring); the transaction must write
+        (SQLite: ``BEGIN IMMEDIATE``).
+        """
+        table = table_of(model)
+        key = next(self._keys.get(table.name, iter(())), None)
+        if key is None:
+            self._keys[table.name] = keys = _take_keys(session, table)
+            key = next(keys)
+        return key
+
     def flush(self, session: Session) -> None:
-        """Insert every held row (one executemany per table), then forget them."""
+        """Insert every held row (one executemany per table, parents first), then forget them."""
         held, self._rows = self._rows, {}
-        for (model, ignore_duplicates), rows in held.items():
+        order = sorted(held.items(), key=lambda item: _TABLE_ORDER[table_of(item[0][0]).name])
+        for (model, ignore_duplicates), rows in order:
             if ignore_duplicates:
                 insert_ignoring_duplicates(session, model, rows)
             else:
                 insert_rows(session, model, rows)
+
+
+def _take_keys(session: Session, table: sa.Table) -> Iterator[int]:
+    """Keys this transaction may use for ``table``'s ``id``, ascending (never empty)."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        taken = connection.execute(
+            sa.text(
+                "SELECT nextval(pg_get_serial_sequence(:table, 'id'))"
+                " FROM generate_series(1, :count)"
+            ),
+            {"table": table.name, "count": PG_KEY_BLOCK},
+        ).scalars()
+        return iter(sorted(int(key) for key in taken))
+    highest = connection.execute(sa.select(sa.func.max(table.c.id))).scalar()
+    return itertools.count(int(highest or 0) + 1)
 
 
 def insert_or_hold(

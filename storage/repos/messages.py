@@ -132,7 +132,7 @@ def apply_decision(
         return None
     if decision.duplicate_of is not None:
         pk = decision.duplicate_of
-        _add_location(session, pk, prepared.raw.provenance)
+        _add_location(session, pk, prepared.raw.provenance, held)
         default = LogEntry(rule=DUPLICATE_RULE, reason="already stored", outcome=Outcome.DUPLICATE)
         add_log_rows(
             session, replace(context, message_pk=pk), _with_default(decision.log, default), held
@@ -174,7 +174,7 @@ def _store(
         raise ValueError("a decision that stores a message must name its thread")
     provenance = prepared.raw.provenance
     x_gm_thrid = provenance.x_gm_thrid if isinstance(provenance, ImapOrigin) else None
-    thread_id = resolve_thread(session, decision.thread, x_gm_thrid)
+    thread_id = resolve_thread(session, decision.thread, x_gm_thrid, held)
     attachment_shas = [blobs.put(a.payload) for a in parsed.attachments]
     row = {
         "identity_key": prepared.identity.key,
@@ -193,9 +193,13 @@ def _store(
         "text_body": parsed.text_body,
         "html_body": parsed.html_body,
     }
-    pk = MessagePk(session.connection().execute(_INSERT_MESSAGE, row).scalar_one())
+    if held is None:
+        pk = MessagePk(session.connection().execute(_INSERT_MESSAGE, row).scalar_one())
+    else:
+        pk = MessagePk(held.allocate(session, Message))
+        held.add(Message, [{"id": pk, **row}])
     _add_children(session, decision, pk, attachment_shas, held)
-    _add_location(session, pk, provenance)
+    _add_location(session, pk, provenance, held)
     _link_conversations(session, decision, pk, thread_id, held)
     return pk
 
@@ -389,26 +393,29 @@ def conversation_ids(session: Session, contact_ids: Iterable[int]) -> dict[int, 
     return {contact_id: conversation_id for contact_id, conversation_id in rows}
 
 
-def _add_location(session: Session, pk: MessagePk, provenance: Provenance) -> None:
+def _add_location(
+    session: Session, pk: MessagePk, provenance: Provenance, held: RowBuffer | None
+) -> None:
     """Record where an IMAP copy sits (R12: many locations, one message); idempotent.
 
-    One ``INSERT … ON CONFLICT DO NOTHING`` on the location's unique key.
+    One ``INSERT … ON CONFLICT DO NOTHING`` on the location's unique key,
+    or held in ``held`` for its flush.
     """
     if not isinstance(provenance, ImapOrigin):
         return
-    insert_ignoring_duplicates(
-        session,
-        MessageLocation,
-        [
-            {
-                "message_pk": pk,
-                "mailbox_id": provenance.mailbox_id,
-                "folder": provenance.folder,
-                "uidvalidity": provenance.uidvalidity,
-                "uid": provenance.uid,
-            }
-        ],
-    )
+    rows = [
+        {
+            "message_pk": pk,
+            "mailbox_id": provenance.mailbox_id,
+            "folder": provenance.folder,
+            "uidvalidity": provenance.uidvalidity,
+            "uid": provenance.uid,
+        }
+    ]
+    if held is None:
+        insert_ignoring_duplicates(session, MessageLocation, rows)
+    else:
+        held.add(MessageLocation, rows, ignore_duplicates=True)
 
 
 def _advisory_lock(session: Session, name: str) -> None:

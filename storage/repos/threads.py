@@ -21,7 +21,10 @@ _INSERT_THREAD = table_of(SyncedThread).insert().returning(table_of(SyncedThread
 
 
 def resolve_thread(
-    session: Session, target: ThreadTarget, x_gm_thrid: int | None = None
+    session: Session,
+    target: ThreadTarget,
+    x_gm_thrid: int | None = None,
+    held: RowBuffer | None = None,
 ) -> ThreadId:
     """Return the thread a message joins, creating and merging as ``target`` says.
 
@@ -29,17 +32,25 @@ def resolve_thread(
         target: join ``target.thread_id``, or start a thread with
             ``target.origin``; then fold ``target.merge_thread_ids`` into it.
         x_gm_thrid: Gmail thread id to record on a new thread, or None.
+        held: a group-commit batch's rows: a new thread's row is held there
+            (its key allocated ahead); a merge flushes it first.
 
     Returns:
         The surviving thread's id.
     """
     if target.thread_id is None:
         row = {"origin": target.origin, "x_gm_thrid": x_gm_thrid}
-        thread_id = ThreadId(session.connection().execute(_INSERT_THREAD, row).scalar_one())
+        if held is None:
+            thread_id = ThreadId(session.connection().execute(_INSERT_THREAD, row).scalar_one())
+        else:
+            thread_id = ThreadId(held.allocate(session, SyncedThread))
+            held.add(SyncedThread, [{"id": thread_id, **row}])
     else:
         thread_id = target.thread_id
     others = sorted({t for t in target.merge_thread_ids if t != thread_id})
     if others:
+        if held is not None:
+            held.flush(session)  # the merge updates and moves rows that may still be held
         merge_threads(session, thread_id, others)
     return thread_id
 
