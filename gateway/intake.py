@@ -244,28 +244,34 @@ class Intake:
             for rcpt in envelope.envelope_recipients
         )
 
-    @staticmethod
-    def _blob_keys(prepared: Prepared | None) -> tuple[str, ...]:
-        """The keys of ``_blobs_of``'s payloads, in order (computed by the parser already)."""
-        if prepared is None:
-            return ()
-        return (prepared.raw.sha256, *(a.sha256 for a in prepared.parsed.attachments))
-
-    def _blobs_of(self, prepared: Prepared) -> tuple[bytes, ...]:
-        """The raw message and attachment payloads the batch writes itself (no I/O).
+    def _blobs_of(self, prepared: Prepared) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+        """The payloads the batch writes itself, and their keys (no I/O, no hashing).
 
         The batch writes them on the blob thread with ``BlobStore.put_many``
-        (written and fsynced in parallel) while the database thread runs
-        its statements, and COMMITs only after that (``_commit``). Before,
-        every blob cost two fsyncs in the shared worker pool inside the SMTP
-        round trip. Done only when R15 will most likely pass, so refused
-        mail usually leaves nothing behind (otherwise ``apply_decision``
-        writes what it needs through ``BlobStore.put``); a rolled-back
-        batch leaves a harmless orphan (same bytes, same name).
+        (written and made durable together) while the database thread runs
+        its statements, and COMMITs only after that (``_commit``); the keys
+        come from the parser. Before, every blob cost two fsyncs in the
+        shared worker pool inside the SMTP round trip.
+
+        SMTP: the raw message and its attachments, only when R15 will most
+        likely pass, so refused mail usually leaves nothing behind. IMAP:
+        the raw message only — it is kept even when routing skips the
+        message (R2/R3: nothing received is lost), unless it is a duplicate,
+        whose bytes are usually stored already. Any other blob a decision
+        needs goes through ``BatchBlobs`` (deferred, one ``put_many`` before
+        COMMIT). A rolled-back batch leaves a harmless orphan (same bytes,
+        same name).
         """
+        raw = prepared.raw
+        if isinstance(raw.provenance, ImapOrigin):
+            return (raw.raw,), (raw.sha256,)
         if not self._sender_is_known_user(prepared):
-            return ()
-        return (prepared.raw.raw, *(a.payload for a in prepared.parsed.attachments))
+            return (), ()
+        attachments = prepared.parsed.attachments
+        return (
+            (raw.raw, *(a.payload for a in attachments)),
+            (raw.sha256, *(a.sha256 for a in attachments)),
+        )
 
     async def recover(self) -> int:
         """Process every spool entry left by a previous run; return how many.
@@ -371,7 +377,7 @@ class Intake:
             spool_path = self._spool.write(raw, provenance)
         message = raw_message(raw, provenance)
         prepared, failure = self._prepare(message)
-        payloads = self._blobs_of(prepared) if prepared is not None else ()
+        payloads, keys = self._blobs_of(prepared) if prepared is not None else ((), ())
         return IntakeJob(
             message=message,
             prepared=prepared,
@@ -380,7 +386,7 @@ class Intake:
             future=future,
             previous_uid=previous_uid,
             blobs=payloads,
-            blob_keys=self._blob_keys(prepared) if payloads else (),
+            blob_keys=keys,
         )
 
     def _prepare(self, message: RawMessage) -> tuple[Prepared | None, str | None]:
