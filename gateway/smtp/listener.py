@@ -23,6 +23,8 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -205,6 +207,29 @@ class MailgateSMTP(SMTP):
         self._sessions = sessions
         self._on_rejection = on_rejection
         self.in_data = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd 1.4.6's MAIL/RCPT address parser, without its per-call class.
+
+        aiosmtpd's ``SMTP._getaddr`` declares a ``typing.Protocol`` class
+        inside the function, so every MAIL and RCPT builds a class: 49 µs
+        per call against 30 µs for the stdlib parse it wraps (this machine).
+        Same stdlib calls, same results (``tests/unit/gateway/test_listener.py``
+        compares the two on valid, odd and invalid arguments, so an aiosmtpd
+        upgrade that changes them fails there).
+        """
+        if not arg:
+            return "", ""
+        try:
+            parsed = get_angle_addr(arg) if arg.lstrip().startswith("<") else get_addr_spec(arg)
+        except HeaderParseError:
+            return None, None
+        address, rest = parsed
+        addr = str(address.addr_spec)
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, str(rest)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Register the session, then let aiosmtpd greet."""

@@ -277,3 +277,47 @@ async def test_shutdown_drain_finishes_data_in_flight_and_421s_idle_sessions() -
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
     await server.server.wait_closed()
+
+
+GETADDR_ARGUMENTS = [
+    "",
+    "<>",
+    "<a@example.org>",
+    "<a@example.org> SIZE=1000 BODY=8BITMIME",
+    "a@example.org",
+    "a@example.org SIZE=10",
+    " <a@example.org>",
+    '<"quoted local"@example.org>',
+    "<a.b+tag@sub.example.org>",
+    "<@relay.example:a@example.org>",
+    "<a@[192.0.2.1]>",
+    "<a@example.org",
+    "<<a@example.org>>",
+    "a@example.org<<b@example.com>",
+    "<a@@example.org>",
+    "<a b@example.org>",
+    "<" + "x" * 64 + "@example.org>",
+    "<" + "x" * 65 + "@example.org>",
+    "<dömäin@exämple.org> SMTPUTF8",
+    "not an address",
+    "<>junk",
+]
+
+
+@pytest.mark.parametrize("local_part_limit", [0, 64])
+@pytest.mark.parametrize("arg", GETADDR_ARGUMENTS)
+def test_getaddr_answers_as_aiosmtpd_does(arg: str, local_part_limit: int) -> None:
+    """``MailgateSMTP._getaddr`` (no class built per call) equals aiosmtpd's own."""
+    from aiosmtpd.smtp import SMTP
+
+    from gateway.smtp.listener import MailgateSMTP
+
+    loop = asyncio.new_event_loop()
+    try:
+        ours = MailgateSMTP(object(), sessions=set(), loop=loop)
+        theirs = SMTP(object(), loop=loop)
+        ours.local_part_limit = theirs.local_part_limit = local_part_limit
+        assert type(ours)._getaddr is not SMTP._getaddr
+        assert ours._getaddr(arg) == theirs._getaddr(arg)
+    finally:
+        loop.close()
