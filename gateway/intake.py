@@ -374,9 +374,9 @@ class Intake:
         previous_uid: int | None,
     ) -> IntakeJob:
         """Sync, on a worker thread: spool, hash, prepare; the job for the batcher."""
-        if spool and isinstance(provenance, SmtpEnvelope):
-            spool_path = self._spool.write(raw, provenance)
         message = raw_message(raw, provenance)
+        if spool and isinstance(provenance, SmtpEnvelope):
+            spool_path = self._spool.write(raw, provenance, message.sha256)
         prepared, failure = self._prepare(message)
         payloads, keys = self._blobs_of(prepared) if prepared is not None else ((), ())
         return IntakeJob(

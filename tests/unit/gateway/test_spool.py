@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spool import TMP_PREFIX, Spool, SpoolCorrupt
+from gateway.spool import SHRINK_SLACK_BYTES, TMP_PREFIX, Spool, SpoolCorrupt
 from ingest.types import SmtpEnvelope
 
 ENVELOPE = SmtpEnvelope(
@@ -110,3 +110,55 @@ def test_concurrent_writes_get_distinct_slots(spool: Spool) -> None:
         paths = list(pool.map(lambda i: spool.write(b"m%d" % i, ENVELOPE), range(64)))
     assert len(set(paths)) == 64
     assert sorted(spool.read(p).raw for p in paths) == sorted(b"m%d" % i for i in range(64))
+
+
+def test_a_cleared_slot_keeps_its_blocks_and_is_not_pending(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    path = spool.write(b"x" * 5000, ENVELOPE)
+    size = path.stat().st_size
+    spool.remove((path,))
+    assert path.stat().st_size == size  # not truncated: no blocks freed and re-allocated
+    assert spool.pending() == ()
+    restarted = Spool(tmp_path / "spool")
+    restarted.open()
+    assert restarted.pending() == ()
+    assert restarted.write(b"short", ENVELOPE) == path  # found free again
+    assert restarted.read(path).raw == b"short"  # the old entry's tail is ignored
+    assert restarted.pending() == (path,)
+
+
+def test_a_write_torn_over_an_older_longer_entry_is_corrupt(spool: Spool) -> None:
+    """The process died while writing a short entry over a longer one: never read as mail."""
+    path = spool.write(b"A" * 5000, ENVELOPE)
+    spool.remove((path,))
+    assert spool.write(b"B" * 1000, ENVELOPE) == path
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\n") + 1
+    data[start + 500 : start + 1000] = b"A" * 500  # only 500 new bytes reached the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(SpoolCorrupt, match="torn"):
+        spool.read(path)
+
+
+def test_a_slot_much_longer_than_its_new_entry_is_cut_back(spool: Spool) -> None:
+    path = spool.write(b"L" * (SHRINK_SLACK_BYTES + 4096), ENVELOPE)
+    spool.remove((path,))
+    assert spool.write(b"small", ENVELOPE) == path
+    assert path.stat().st_size < 4096
+    assert spool.read(path).raw == b"small"
+
+
+def test_version_2_entries_are_still_recovered(spool: Spool) -> None:
+    old = spool.root / "slot-000009.msg"
+    old.write_bytes(
+        b'MGSPOOL2 5 8 {"envelope_sender": "alice@example.org", "envelope_recipients": '
+        b'["u-aaaaaaaaaaaaaaaaaaaa@bcc.test"], "peer": "127.0.0.1", "helo": '
+        b'"client.example", "received_at": "2024-05-01T12:00:00+00:00"}\nv2 bytes'
+    )
+    newer = spool.write(b"v3 bytes", ENVELOPE)
+    assert spool.pending() == (old, newer)
+    entry = spool.read(old)
+    assert (entry.raw, entry.envelope) == (b"v2 bytes", ENVELOPE)
+    spool.remove((old,))
+    assert spool.pending() == (newer,)
