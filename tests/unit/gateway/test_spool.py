@@ -90,21 +90,6 @@ def test_entry_cut_short_by_a_crash_is_corrupt(spool: Spool) -> None:
         spool.read(path)
 
 
-def test_version_1_entries_are_recovered_then_deleted(spool: Spool) -> None:
-    old = spool.root / "00000000000000000005-abc.msg"
-    old.write_bytes(
-        b'MGSPOOL1 {"envelope_sender": "alice@example.org", "envelope_recipients": '
-        b'["u-aaaaaaaaaaaaaaaaaaaa@bcc.test"], "peer": "127.0.0.1", "helo": '
-        b'"client.example", "received_at": "2024-05-01T12:00:00+00:00"}\nv1 bytes'
-    )
-    newer = spool.write(b"v2 bytes", ENVELOPE)
-    assert spool.pending() == (old, newer)
-    entry = spool.read(old)
-    assert (entry.raw, entry.envelope) == (b"v1 bytes", ENVELOPE)
-    spool.remove((old,))
-    assert not old.exists()
-
-
 def test_concurrent_writes_get_distinct_slots(spool: Spool) -> None:
     with ThreadPoolExecutor(8) as pool:
         paths = list(pool.map(lambda i: spool.write(b"m%d" % i, ENVELOPE), range(64)))
@@ -149,16 +134,27 @@ def test_a_slot_much_longer_than_its_new_entry_is_cut_back(spool: Spool) -> None
     assert spool.read(path).raw == b"small"
 
 
-def test_version_2_entries_are_still_recovered(spool: Spool) -> None:
-    old = spool.root / "slot-000009.msg"
-    old.write_bytes(
-        b'MGSPOOL2 5 8 {"envelope_sender": "alice@example.org", "envelope_recipients": '
-        b'["u-aaaaaaaaaaaaaaaaaaaa@bcc.test"], "peer": "127.0.0.1", "helo": '
-        b'"client.example", "received_at": "2024-05-01T12:00:00+00:00"}\nv2 bytes'
-    )
-    newer = spool.write(b"v3 bytes", ENVELOPE)
+OLD_ENVELOPE_JSON = (
+    b'{"envelope_sender": "alice@example.org", "envelope_recipients": '
+    b'["u-aaaaaaaaaaaaaaaaaaaa@bcc.test"], "peer": "127.0.0.1", "helo": '
+    b'"client.example", "received_at": "2024-05-01T12:00:00+00:00"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("00000000000000000005-abc.msg", b"MGSPOOL1 "),  # version 1: one file per entry
+        ("slot-000009.msg", b"MGSPOOL2 5 9 "),  # version 2: truncated slots, exact length
+    ],
+)
+def test_entries_of_older_formats_are_still_recovered(spool: Spool, name: str, head: bytes) -> None:
+    old = spool.root / name
+    old.write_bytes(head + OLD_ENVELOPE_JSON + b"\nold bytes")
+    newer = spool.write(b"new bytes", ENVELOPE)
     assert spool.pending() == (old, newer)
     entry = spool.read(old)
-    assert (entry.raw, entry.envelope) == (b"v2 bytes", ENVELOPE)
+    assert (entry.raw, entry.envelope) == (b"old bytes", ENVELOPE)
     spool.remove((old,))
     assert spool.pending() == (newer,)
+    assert old.exists() == (head != b"MGSPOOL1 ")  # a version-1 file is deleted, a slot freed
