@@ -186,12 +186,24 @@ async def test_testbed_submission_accepts_password_auth_after_tls_only(
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:
-    """QUIT and wait for the close (a bare close() leaves the TLS transport to the GC,
-    whose ResourceWarning then fails a later test under filterwarnings=error)."""
+    """QUIT and wait until the socket is really closed.
+
+    Closing a TLS transport only starts the TLS shutdown; the socket under it
+    closes a few loop iterations later. A test that ends first leaves it to
+    the GC, whose ResourceWarning then fails a LATER test under
+    filterwarnings=error (seen once in CI: "unclosed transport" at the setup
+    of the next test).
+    """
+    sock = client.get_transport_info("socket")
     try:
         await client.quit()
     except aiosmtplib.SMTPException:
         client.close()
+    for _ in range(500):  # up to 5 s
+        if sock is None or sock.fileno() == -1:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the SMTP client's socket did not close within 5 s of QUIT")
 
 
 # ------------------------------------------------------- R1, R12, R18 end to end
