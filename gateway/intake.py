@@ -373,7 +373,7 @@ class Intake:
         spool_path: Path | None,
         previous_uid: int | None,
     ) -> IntakeJob:
-        """Sync, on a worker thread: spool, hash, prepare; the job for the batcher."""
+        """Sync (on the loop, or a worker thread for a large message): spool, hash, prepare."""
         message = raw_message(raw, provenance)
         if spool and isinstance(provenance, SmtpEnvelope):
             spool_path = self._spool.write(raw, provenance, message.sha256)
