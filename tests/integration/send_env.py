@@ -18,6 +18,7 @@ from gateway.outbound import OutboundService
 from ingest.types import Provider
 from storage.blobs import BlobStore
 from storage.db import Database
+from storage.repos.directory import add_contact
 from tests.testbed.dovecot import Dovecot
 from tests.testbed.oauth_server import OAuthProvider
 from tests.testbed.plugin import TestbedUser
@@ -111,3 +112,8 @@ async def connect(env: SendEnv, provider: Provider, user: TestbedUser) -> Any:
     request = await env.mailboxes.start_authorization(USER_EMAIL, SUBACCOUNT, provider)
     query = await asyncio.to_thread(_consent, request.url, user.address)
     return await env.mailboxes.finish_authorization(query["state"], code=query["code"])
+
+
+async def add_recipient(env: SendEnv, contact: TestbedUser) -> None:
+    """Make ``contact`` a contact of the sub-account (id 1), assigned to the CRM user."""
+    await env.db.run(add_contact, 1, contact.address, "Bob Contact", USER_EMAIL)

@@ -31,8 +31,15 @@ from storage.db import Database
 from storage.migrate import upgrade
 from storage.models.enums import OutboundState
 from storage.repos import outbound as repo
-from storage.repos.directory import add_contact, add_subaccount, add_user
-from tests.integration.send_env import SUBACCOUNT, USER_EMAIL, SendEnv, build, connect
+from storage.repos.directory import add_subaccount, add_user
+from tests.integration.send_env import (
+    SUBACCOUNT,
+    USER_EMAIL,
+    SendEnv,
+    add_recipient,
+    build,
+    connect,
+)
 from tests.integration.test_imap_sync import wait_until
 from tests.integration.test_round_trip import (  # noqa: F401  (trip is a fixture)
     RoundTrip,
@@ -124,7 +131,7 @@ async def env_with_sender(
     assert sender.password is not None
     server = imap_server(dovecot, submission, sender)
     await env.mailboxes.connect_imap(USER_EMAIL, SUBACCOUNT, server, sender.password)
-    await env.db.run(add_contact, 1, contact.address, "Bob Contact", USER_EMAIL)
+    await add_recipient(env, contact)
     return env
 
 
@@ -358,7 +365,7 @@ async def test_gmail_reply_lost_after_data_settled_from_sent_folder(
 ) -> None:
     env = build(database[0], database[1], oauth_provider, dovecot, submission)
     await connect(env, Provider.GMAIL, gmail_user)
-    await env.db.run(add_contact, 1, imap_password_user.address, "Bob Contact", USER_EMAIL)
+    await add_recipient(env, imap_password_user)
     record = await env.outbound.send(request(imap_password_user))
     # The provider filed its Sent copy before the reply was lost: the send is found there.
     assert record.state == OutboundState.SENT, record.last_error
@@ -381,7 +388,7 @@ async def test_retry_not_attempted_before_its_backoff_ends(
 ) -> None:
     env = build(database[0], database[1], oauth_provider, dovecot, submission)
     await connect(env, Provider.GMAIL, gmail_user)
-    await env.db.run(add_contact, 1, imap_password_user.address, "Bob Contact", USER_EMAIL)
+    await add_recipient(env, imap_password_user)
     record = await env.outbound.enqueue(request(imap_password_user))
     later = env.clock() + timedelta(minutes=5)
     await env.db.run(

@@ -27,8 +27,15 @@ from storage.models.enums import OutboundKind, OutboundState
 from storage.repos import outbound as repo
 from storage.repos import outbound_lookups as lookups
 from storage.repos.conversations import conversation_view
-from storage.repos.directory import add_contact, add_subaccount, add_user
-from tests.integration.send_env import SUBACCOUNT, USER_EMAIL, SendEnv, build, connect
+from storage.repos.directory import add_subaccount, add_user
+from tests.integration.send_env import (
+    SUBACCOUNT,
+    USER_EMAIL,
+    SendEnv,
+    add_recipient,
+    build,
+    connect,
+)
 from tests.testbed.dovecot import Dovecot
 from tests.testbed.netutil import free_ports
 from tests.testbed.oauth_server import OAuthProvider
@@ -58,11 +65,6 @@ async def make_env(
 ) -> SendEnv:
     db, blobs = database
     return build(db, blobs, oauth_provider, dovecot, submission, **kw)
-
-
-async def add_recipient(env: SendEnv, contact: TestbedUser) -> None:
-    sub_id = await env.db.read(lambda s: 1)
-    await env.db.run(add_contact, sub_id, contact.address, "Bob Contact", USER_EMAIL)
 
 
 def inbox_message_ids(dovecot: Dovecot, user: TestbedUser, folder: str = "INBOX") -> list[bytes]:
